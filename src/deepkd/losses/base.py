@@ -1,0 +1,67 @@
+"""What every distillation method returns: named loss terms, each tagged with a gradient stream.
+
+A method is a thin ``nn.Module`` around the pure functions of ``deepkd.losses.functional``. Its
+``forward(student_logits, teacher_logits, target, *, epoch)`` returns ``{name: LossTerm}``. A plain
+optimizer trains on the sum of the values; ``DecoupledMomentumSGD`` groups them by ``stream``
+(``task``, ``target``, ``non_target``) and keeps one momentum buffer per stream.
+"""
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+STREAMS = ("task", "target", "non_target")
+
+
+class LossTerm(NamedTuple):
+    """One scalar loss term and the gradient stream it feeds."""
+
+    value: torch.Tensor
+    stream: str
+
+
+def warmup_factor(epoch: int, warmup_epochs: float) -> float:
+    """Reference distillation warm-up ``min(epoch / warmup_epochs, 1)``; epochs count from 1."""
+    if warmup_epochs <= 0:
+        return 1.0
+    return min(float(epoch) / float(warmup_epochs), 1.0)
+
+
+def total_loss(terms: Dict[str, LossTerm]) -> torch.Tensor:
+    """Sum of all terms' values (what a plain optimizer backpropagates)."""
+    values = [t.value for t in terms.values()]
+    return torch.stack(values).sum() if len(values) > 1 else values[0]
+
+
+def stream_losses(terms: Dict[str, LossTerm]) -> Dict[str, torch.Tensor]:
+    """Sum the terms of each stream: ``{stream: scalar}`` in first-seen order."""
+    out: Dict[str, torch.Tensor] = {}
+    for term in terms.values():
+        out[term.stream] = out[term.stream] + term.value if term.stream in out else term.value
+    return out
+
+
+class Method(nn.Module):
+    """Base of every distillation method module (inheritance depth 1).
+
+    Subclasses set ``needs_teacher`` and implement ``forward``; ``teacher_logits`` is ``None`` when
+    ``needs_teacher`` is False.
+    """
+
+    needs_teacher: bool = True
+
+    def forward(  # pragma: no cover - abstract
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: Optional[torch.Tensor],
+        target: torch.Tensor,
+        *,
+        epoch: int,
+    ) -> Dict[str, LossTerm]:
+        raise NotImplementedError
+
+    def topk(self, epoch: int) -> Optional[int]:
+        """The dynamic top-k mask's K at ``epoch`` (None when the method has no mask)."""
+        return None
