@@ -1,0 +1,129 @@
+"""The ``deepkd`` command: train, eval, demo, list, plot, summary."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepkd", description="Logit knowledge distillation trainer.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a teacher or distil a student from a YAML recipe")
+    train.add_argument("recipe", nargs="?", help="YAML recipe (configs/...); optional with --resume RUN_DIR")
+    train.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optimizer.lr=0.1")
+    train.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                       help="continue the run's last checkpoint (the recipe's run dir, or RUN_DIR)")
+    demo = sub.add_parser("demo", help="offline demo on the shipped synthetic set")
+    demo.add_argument("--quick", action="store_true", help="a much shorter run (CI smoke test)")
+    demo.add_argument("--json", action="store_true", help="print a JSON object of the results last")
+    demo.add_argument("--out", default="runs/demo", help="folder for the demo's runs and plot")
+    listing = sub.add_parser("list", help="list models, methods or recipes")
+    listing.add_argument("what", choices=["models", "methods", "recipes"])
+    listing.add_argument("pattern", nargs="?", default=None)
+    plot = sub.add_parser("plot", help="PNG figures of one or more runs")
+    plot.add_argument("runs", nargs="+")
+    plot.add_argument("--out", default=None, help="output folder (default: the first run's folder)")
+    summary = sub.add_parser("summary", help="best and last top-1 per experiment, mean +- std over seeds")
+    summary.add_argument("runs", nargs="+", help="run folders or folders containing runs")
+    summary.add_argument("--json", action="store_true")
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on a dataset's test split")
+    evaluate.add_argument("recipe", help="recipe whose data and student sections are used")
+    evaluate.add_argument("weights", help="checkpoint to evaluate (deepkd, community or .safetensors)")
+    evaluate.add_argument("overrides", nargs="*")
+    return parser
+
+
+def cmd_train(args) -> int:
+    from deepkd.train.checkpoint import load_checkpoint
+    from deepkd.train.config import load_config, validate_config
+    from deepkd.train.loop import train
+
+    if isinstance(args.resume, str):
+        run_dir = Path(args.resume)
+        raw = load_checkpoint(run_dir / "last.pt")["config"]
+        from deepkd.train.config import apply_overrides
+
+        cfg = validate_config(apply_overrides(raw, args.overrides), f"{run_dir}/last.pt")
+        summary = train(cfg, resume=True, run_dir=run_dir)
+    else:
+        if args.recipe is None:
+            raise ValueError("give a recipe (deepkd train configs/....yaml) or --resume RUN_DIR")
+        cfg = load_config(args.recipe, args.overrides)
+        summary = train(cfg, resume=bool(args.resume))
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_list(args) -> int:
+    if args.what == "models":
+        from deepkd.models import format_model_table
+
+        print(format_model_table(args.pattern))
+    elif args.what == "methods":
+        from deepkd.losses.registry import list_methods
+
+        print("\n".join(list_methods()))
+    else:
+        from deepkd.train.recipes import list_recipes
+
+        print("\n".join(str(p) for p in list_recipes(args.pattern)))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from deepkd.train.evaluate import evaluate_checkpoint
+
+    print(json.dumps(evaluate_checkpoint(args.recipe, args.weights, args.overrides)))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from deepkd.train.plots import plot_runs
+
+    for path in plot_runs(args.runs, args.out):
+        print(path)
+    return 0
+
+
+def cmd_summary(args) -> int:
+    from deepkd.train.summary import format_summary, summarize
+
+    rows = summarize(args.runs)
+    print(json.dumps(rows) if args.json else format_summary(rows))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from deepkd.train.demo import run_demo
+
+    run_demo(out=args.out, quick=args.quick, as_json=args.json)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "list": cmd_list, "eval": cmd_eval, "plot": cmd_plot,
+            "summary": cmd_summary, "demo": cmd_demo}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("deepkd: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if os.environ.get("DEEPKD_DEBUG"):
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"deepkd: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""The training loop. The step is on one screen in :func:`train_step`: forward, the method's named
+loss terms, then either ``backward`` + ``step`` (plain optimizer) or per-stream gradients +
+``step(grads)`` (``DecoupledMomentumSGD``)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from deepkd.losses import Method, stream_losses, total_loss
+from deepkd.models import save_weights
+from deepkd.optim import DecoupledMomentumSGD, stream_grads
+from deepkd.train import build
+from deepkd.train.checkpoint import FORMAT, atomic_save, load_checkpoint, rng_state, set_rng_state
+from deepkd.train.config import RunConfig, config_to_dict, save_config
+from deepkd.train.distributed import (Dist, all_reduce_sum, average_gradients, broadcast_module,
+                                      init_distributed, shutdown_distributed)
+from deepkd.train.logs import MetricsWriter, Progress
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the last good checkpoint is kept."""
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    run_dir: Path
+    device: torch.device
+    ctx: Dist
+    student: nn.Module
+    forward: nn.Module  # the student, possibly compiled
+    teacher: Optional[nn.Module]
+    method: Method
+    optimizer: torch.optim.Optimizer
+    lr_at: Any
+    data: Any
+    params: list
+    writer: Optional[MetricsWriter]
+    progress: Progress
+
+    @property
+    def decoupled(self) -> bool:
+        return isinstance(self.optimizer, DecoupledMomentumSGD)
+
+
+def autocast(run: Run):
+    """bf16 autocast for the forward passes; losses are computed in float32 by the method."""
+    if run.cfg.train.precision == "bf16":
+        return torch.autocast(run.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(run: Run, images: torch.Tensor, targets: torch.Tensor, epoch: int):
+    """One optimisation step; returns the detached loss terms and the student logits."""
+    with autocast(run):
+        logits = run.forward(images)
+        teacher_logits = None
+        if run.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = run.teacher(images).float()
+    terms = run.method(logits.float(), teacher_logits, targets, epoch=epoch)
+    if run.decoupled:
+        losses = run.optimizer.merge_losses(stream_losses(terms))  # equal momenta share one pass
+        grads = stream_grads(losses, run.params)
+        grads = {key: average_gradients(g, run.ctx) for key, g in grads.items()}
+        run.optimizer.step(grads)
+    else:
+        run.optimizer.zero_grad(set_to_none=True)
+        total_loss(terms).backward()
+        if run.ctx.enabled:
+            for param, grad in zip(run.params, average_gradients([p.grad for p in run.params], run.ctx)):
+                param.grad = grad
+        run.optimizer.step()
+    return {name: term.value.detach() for name, term in terms.items()}, logits.detach()
+
+
+class Meters:
+    """Sums kept on the device (no host sync per step); saved in checkpoints for exact resume."""
+
+    def __init__(self, device: torch.device, state: Optional[Dict[str, torch.Tensor]] = None):
+        self.device = device
+        self.sums: Dict[str, torch.Tensor] = {k: v.to(device) for k, v in (state or {}).items()}
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().to(self.device, torch.float64)
+        self.sums[name] = self.sums[name] + value if name in self.sums else value
+
+    def update(self, terms: Dict[str, torch.Tensor], logits: torch.Tensor, targets: torch.Tensor) -> None:
+        count = torch.tensor(float(targets.numel()), device=self.device)
+        loss = torch.stack(list(terms.values())).sum()
+        for name, value in terms.items():
+            self.add(f"loss/{name}", value * count)
+        self.add("loss", loss * count)
+        self.add("correct", (logits.argmax(-1) == targets).sum())
+        self.add("count", count)
+
+    def state(self) -> Dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.sums.items()}
+
+    def averages(self, ctx: Dist) -> Dict[str, float]:
+        reduced = {k: all_reduce_sum(v, ctx) for k, v in self.sums.items()}
+        count = max(float(reduced.get("count", torch.tensor(1.0))), 1.0)
+        out = {f"train_{k}": float(v) / count for k, v in reduced.items() if k.startswith("loss")}
+        out["train_top1"] = 100.0 * float(reduced.get("correct", torch.tensor(0.0))) / count
+        return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, run: Run) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole test set (all ranks)."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=run.device)
+    for images, targets in loader.iter_epoch(0):
+        images, targets = _to_device(images, targets, run)
+        with autocast(run):
+            logits = model(images).float()
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        sums[0] += (top5[:, 0] == targets).sum()
+        sums[1] += (top5 == targets[:, None]).any(-1).sum()
+        sums[2] += nn.functional.cross_entropy(logits, targets, reduction="sum")
+        sums[3] += targets.numel()
+    model.train(was_training)
+    top1, top5, loss, count = all_reduce_sum(sums, run.ctx).tolist()
+    return {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "loss": loss / count}
+
+
+def _to_device(images: torch.Tensor, targets: torch.Tensor, run: Run):
+    images = images.to(run.device, non_blocking=True)
+    if run.cfg.train.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets.to(run.device, non_blocking=True)
+
+
+def _set_lr(run: Run, epoch: int, progress: float) -> float:
+    lr = run.lr_at(epoch, progress)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def save_state(run: Run, path: Path, *, epoch: int, batch: int, step: int, meters: Meters, best: float) -> None:
+    """Write a checkpoint atomically (rank 0 only); nothing already on disk is lost on failure."""
+    if not run.ctx.is_main:
+        return
+    state = {"format": FORMAT, "model": run.student.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "epoch": epoch, "batch": batch, "step": step, "topk": run.method.topk(epoch), "best": best,
+             "meters": meters.state(), "rng": rng_state(), "config": config_to_dict(run.cfg)}
+    atomic_save(state, path)
+
+
+def run_directory(cfg: RunConfig) -> Path:
+    """``<output_dir>/<experiment>/seed<seed>``: one folder per seed, so summaries group seeds."""
+    return Path(cfg.output_dir) / cfg.experiment / f"seed{cfg.seed}"
+
+
+def setup_run(cfg: RunConfig, run_dir: Path) -> Run:
+    """Build every object of a run, in a fixed order so that a seed fixes the initial weights."""
+    torch.manual_seed(cfg.seed)
+    device = build.build_device(cfg.train.device)
+    ctx = init_distributed(device.type)
+    if ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    data = build.build_dataset(cfg.data, seed=cfg.seed, device=device, rank=ctx.rank, world_size=ctx.world_size)
+    method = build.build_method(cfg.method, cfg.schedule)
+    student = build.build_student(cfg.student, data.num_classes).to(device)
+    teacher = build.build_teacher(cfg.teacher, method, data.num_classes)
+    teacher = teacher.to(device) if teacher is not None else None
+    if cfg.train.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last) if teacher is not None else None
+    broadcast_module(student, ctx)
+    optimizer = build.build_optimizer(cfg.optimizer, student)
+    forward = torch.compile(student) if cfg.train.compile else student
+    writer = None
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        writer = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb,
+                               wandb_project=cfg.train.wandb_project, config=config_to_dict(cfg))
+    return Run(cfg, run_dir, device, ctx, student, forward, teacher, method, optimizer,
+               build.build_schedule(cfg.schedule, cfg.optimizer.lr), data,
+               [p for p in student.parameters() if p.requires_grad], writer,
+               Progress(cfg.train.progress, cfg.train.log_every, enabled=ctx.is_main))
+
+
+def restore(run: Run, path: Path) -> Dict[str, Any]:
+    """Load ``last.pt`` into the run; returns the position (epoch, batch, step, meters, best)."""
+    ckpt = load_checkpoint(path)
+    run.student.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    return ckpt
+
+
+def train(cfg: RunConfig, *, resume: bool = False, run_dir: Optional[str | Path] = None) -> Dict[str, Any]:
+    """Train (or resume) one run; returns its summary (also written to ``summary.json``)."""
+    run_dir = Path(run_dir) if run_dir is not None else run_directory(cfg)
+    last = run_dir / "last.pt"
+    if not resume and last.exists():
+        raise FileExistsError(f"run directory {str(run_dir)!r} already holds a checkpoint; "
+                              "pass --resume to continue it or choose another experiment name")
+    run = setup_run(cfg, run_dir)
+    try:
+        return _train_epochs(run, restore(run, last) if resume and last.exists() else None)
+    finally:
+        if run.writer is not None:
+            run.writer.close()
+        shutdown_distributed(run.ctx)
+
+
+class _Interrupt:
+    """Ctrl-C sets a flag; the loop saves after the current step and exits (a second one aborts)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        import signal
+
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+
+        try:
+            self._previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _run_epoch(run: Run, epoch: int, position: Dict[str, Any], stop: _Interrupt) -> bool:
+    """Train one epoch from ``position['batch']``; False when stopped early (checkpoint saved)."""
+    loader, cfg = run.data.train, run.cfg
+    meters = Meters(run.device, position.pop("meters", None))
+    total, start, started = len(loader), position["batch"], time.time()
+    bad_step = torch.full((), -1, dtype=torch.long, device=run.device)
+    desc = f"epoch {epoch}/{cfg.schedule.epochs}"
+    batches = run.progress.wrap(loader.iter_epoch(epoch, start_batch=start), total=total, start=start, desc=desc)
+    for index, (images, targets) in enumerate(batches, start=start):
+        _set_lr(run, epoch, index / total)
+        images, targets = _to_device(images, targets, run)
+        terms, logits = train_step(run, images, targets, epoch)
+        meters.update(terms, logits, targets)
+        loss = torch.stack(list(terms.values())).sum()
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), position["step"], bad_step)
+        position["step"] += 1
+        if position["step"] % cfg.train.log_every == 0 or index + 1 == total:
+            _check_finite(run, bad_step)
+            run.progress.step(desc, index + 1, total, {"loss": float(loss)}, started)
+        if cfg.train.gsnr_every and position["step"] % cfg.train.gsnr_every == 0:
+            _record_gsnr(run, images, targets, epoch, position["step"])
+        if stop.requested or position["step"] == cfg.train.stop_after_steps:
+            save_state(run, run.run_dir / "last.pt", epoch=epoch, batch=index + 1, step=position["step"],
+                       meters=meters, best=position["best"])
+            run.progress.line(f"stopped at step {position['step']}; resume with --resume ({run.run_dir})")
+            return False
+    _check_finite(run, bad_step)
+    position["train_metrics"] = meters.averages(run.ctx)
+    position["epoch_seconds"] = time.time() - started
+    return True
+
+
+def _check_finite(run: Run, bad_step: torch.Tensor) -> None:
+    step = int(all_reduce_sum(bad_step.clamp(min=-1) + 1, run.ctx)) - 1 if run.ctx.enabled else int(bad_step)
+    if step >= 0:
+        raise NonFiniteLossError(f"non-finite loss at step {step + 1}; stopped, the last good checkpoint "
+                                 f"in {str(run.run_dir)!r} is kept")
+
+
+def _record_gsnr(run: Run, images: torch.Tensor, targets: torch.Tensor, epoch: int, step: int) -> None:
+    from deepkd.train.gsnr_probe import measure_gsnr
+
+    record = measure_gsnr(run, images, targets, epoch)
+    if run.writer is not None:
+        run.writer.log_gsnr({"step": step, "epoch": epoch, **record})
+
+
+def _end_epoch(run: Run, epoch: int, position: Dict[str, Any]) -> Dict[str, Any]:
+    test = evaluate(run.forward, run.data.test, run)
+    record = {"epoch": epoch, "step": position["step"], "lr": run.optimizer.param_groups[0]["lr"],
+              **position.pop("train_metrics"), "test_top1": test["top1"], "test_top5": test["top5"],
+              "test_loss": test["loss"], "topk": run.method.topk(epoch),
+              "seconds": position.pop("epoch_seconds")}
+    improved = test["top1"] > position["best"]
+    position["best"] = max(position["best"], test["top1"])
+    position.update(epoch=epoch + 1, batch=0)
+    if run.writer is not None:
+        run.writer.log_epoch(record, truncate_after=epoch)
+        save_state(run, run.run_dir / "last.pt", epoch=epoch + 1, batch=0, step=position["step"],
+                   meters=Meters(run.device), best=position["best"])
+        if improved:
+            save_state(run, run.run_dir / "best.pt", epoch=epoch + 1, batch=0, step=position["step"],
+                       meters=Meters(run.device), best=position["best"])
+    run.progress.line(f"epoch {epoch}: train_loss {record['train_loss']:.4f} train_top1 "
+                      f"{record['train_top1']:.2f} test_top1 {test['top1']:.2f} test_top5 {test['top5']:.2f} "
+                      f"best {position['best']:.2f} lr {record['lr']:.4g} ({record['seconds']:.1f}s)")
+    return record
+
+
+def _train_epochs(run: Run, ckpt: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    keys = ("epoch", "batch", "step", "best", "meters")
+    position = {k: ckpt[k] for k in keys} if ckpt else {"epoch": 1, "batch": 0, "step": 0, "best": -1.0}
+    teacher_top1 = _teacher_accuracy(run)
+    started = time.time()
+    with _Interrupt() as stop:
+        while position["epoch"] <= run.cfg.schedule.epochs:
+            if not _run_epoch(run, position["epoch"], position, stop):
+                return {"status": "stopped", "run_dir": str(run.run_dir), "step": position["step"]}
+            _end_epoch(run, position["epoch"], position)
+    return _finish(run, position, teacher_top1, time.time() - started)
+
+
+def _teacher_accuracy(run: Run) -> Optional[float]:
+    """The teacher's test top-1, measured once per run directory (a sanity check worth logging)."""
+    if run.teacher is None:
+        return None
+    cached = run.run_dir / "teacher.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())["top1"]
+    top1 = evaluate(run.teacher, run.data.test, run)["top1"]
+    if run.ctx.is_main:
+        cached.write_text(json.dumps({"top1": top1}))
+    run.progress.line(f"teacher {run.cfg.teacher.name}: test top-1 {top1:.2f}")
+    return top1
+
+
+def _finish(run: Run, position: Dict[str, Any], teacher_top1: Optional[float], seconds: float) -> Dict[str, Any]:
+    from deepkd.train.logs import METRICS_JSONL, read_jsonl
+
+    records = read_jsonl(run.run_dir / METRICS_JSONL)
+    last = records[-1]["test_top1"] if records else float("nan")
+    best_epoch = max(records, key=lambda r: r["test_top1"])["epoch"] if records else 0
+    summary = {"status": "finished", "experiment": run.cfg.experiment, "seed": run.cfg.seed,
+               "method": run.cfg.method.name, "student": run.cfg.student.name,
+               "teacher": run.cfg.teacher.name if run.cfg.teacher else None, "teacher_top1": teacher_top1,
+               "best_top1": position["best"], "best_epoch": best_epoch, "last_top1": last,
+               "epochs": run.cfg.schedule.epochs, "steps": position["step"], "train_seconds": seconds,
+               "run_dir": str(run.run_dir)}
+    if run.ctx.is_main:
+        save_weights(run.student, run.run_dir / "student.safetensors")
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
