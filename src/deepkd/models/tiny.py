@@ -1,7 +1,7 @@
 """Small plain CNNs for the offline synthetic benchmark, the demo and fast tests.
 
 ``cnn_w{W}``: four conv3x3-BN-ReLU stages with widths W, 2W, 4W, 8W, max-pool after stages 2 and 3,
-global average pool, linear head. Not from any paper; deepkd's own CPU-sized teacher/student pair.
+global average pool, linear head (``cnn_w8_plain``: no BatchNorm). Not from any paper; deepkd's own CPU-sized teacher/student pair.
 """
 from __future__ import annotations
 
@@ -13,19 +13,24 @@ from torch import nn
 from deepkd.models.registry import register_model
 
 
-def _stage(cin: int, cout: int, pool: bool) -> nn.Sequential:
-    layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+def _stage(cin: int, cout: int, pool: bool, norm: bool = True) -> nn.Sequential:
+    if norm:
+        layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout)]
+    else:
+        layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=True)]
+    layers.append(nn.ReLU(inplace=True))
     if pool:
         layers.append(nn.MaxPool2d(2))
     return nn.Sequential(*layers)
 
 
 class TinyCNN(nn.Module):
-    def __init__(self, width: int = 16, num_classes: int = 100):
+    def __init__(self, width: int = 16, num_classes: int = 100, norm: bool = True):
         super().__init__()
         w = width
         self.stages = nn.ModuleList([
-            _stage(3, w, False), _stage(w, 2 * w, True), _stage(2 * w, 4 * w, True), _stage(4 * w, 8 * w, False)
+            _stage(3, w, False, norm), _stage(w, 2 * w, True, norm), _stage(2 * w, 4 * w, True, norm),
+            _stage(4 * w, 8 * w, False, norm)
         ])
         self.fc = nn.Linear(8 * w, num_classes)
         for m in self.modules():
@@ -55,3 +60,10 @@ def _make(width: int):
 
 for _w in (4, 8, 16, 32, 64):
     _make(_w)
+
+
+@register_model("cnn_w8_plain", input_size=32, dataset="synthetic")
+def cnn_w8_plain(num_classes: int = 100) -> TinyCNN:
+    """``cnn_w8`` without BatchNorm: per-sample independent, so data-parallel runs equal one process
+    on the whole batch exactly (used by the multi-process tests)."""
+    return TinyCNN(8, num_classes, norm=False)
