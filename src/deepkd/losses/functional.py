@@ -28,7 +28,7 @@ from deepkd.losses import _core
 from deepkd.losses._core import Temperature
 
 __all__ = ["cross_entropy", "kd", "tckd", "nckd", "dkd", "decoupled", "DecoupledTerms", "dtkd",
-           "dynamic_temperatures", "topk_keep_mask", "dtm_k"]
+           "dynamic_temperatures", "dynamic_decoupled", "topk_keep_mask", "dtm_k"]
 
 
 def cross_entropy(student: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100,
@@ -208,6 +208,23 @@ def dtkd(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 4
                               torch_functional.log_softmax(zs / temperature, dim=-1))
         fixed = _core.masked_mean(fixed, valid) * (temperature * temperature)
         return alpha * dynamic + beta * fixed
+
+
+def dynamic_decoupled(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, *,
+                      temperature: float = 4.0, guard: bool = False,
+                      keep: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                      validate: bool = True) -> DecoupledTerms:
+    """deepkd's DTKD+DKD (METHODS.md 5.4): :func:`decoupled` at DTKD's per-sample temperatures.
+
+    Per row: teacher softmax at ``T_t``, student at ``T_s`` (:func:`dynamic_temperatures`, tau =
+    ``temperature``), each KL scaled by ``T_t * T_s``. Not in any reference code (deepkd's own).
+    """
+    student_temperature, teacher_temperature = dynamic_temperatures(
+        student, teacher, temperature=temperature, guard=guard, target=target,
+        ignore_index=ignore_index, validate=validate)
+    return decoupled(student, teacher, target, temperature=student_temperature,
+                     teacher_temperature=teacher_temperature, keep=keep, ignore_index=ignore_index,
+                     validate=validate)
 
 
 def topk_keep_mask(teacher: torch.Tensor, target: torch.Tensor, k: int, *, count_target: bool = False,
