@@ -124,7 +124,7 @@ def nckd(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, *,
     :func:`topk_keep_mask`) further restricts it to a subset, applied to teacher and student alike.
     NOTE(paper): the reference code removes classes by subtracting 1000 from their logits after
     dividing by T; deepkd removes them exactly (-inf, their terms set to 0), which is equal to
-    float precision and cannot leak probability for extreme logits. Each row must keep >= 1 class.
+    float precision and cannot leak probability for extreme logits. A row keeping no class gives 0.
     """
     _core.check_classes(student.shape[-1])
     zs, zt, safe, valid, scale = _decoupled_inputs(
@@ -317,10 +317,17 @@ def _log_binary(log_prob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def _non_target_rows(zs: torch.Tensor, zt: torch.Tensor, mask: torch.Tensor,
                      keep: Optional[torch.Tensor]) -> torch.Tensor:
-    """Per-row KL(q_t || q_s) ``[N]`` over the kept non-target classes."""
+    """Per-row KL(q_t || q_s) ``[N]`` over the kept non-target classes (0 for a row keeping none).
+
+    NOTE(paper): with ``count_target=True`` and K = 1 a row can keep no class; the reference code
+    then subtracts 1000 from every logit, which removes nothing and distils the full distribution.
+    deepkd makes such a row contribute 0 (there is no non-target distribution to match).
+    """
     kept = ~mask if keep is None else keep & ~mask
-    log_student = torch_functional.log_softmax(zs.masked_fill(~kept, float("-inf")), dim=-1)
-    log_teacher = torch_functional.log_softmax(zt.masked_fill(~kept, float("-inf")), dim=-1)
+    # Only rows that keep something are masked, so an empty row never sees an all -inf softmax.
+    removed = ~kept & kept.any(dim=-1, keepdim=True)
+    log_student = torch_functional.log_softmax(zs.masked_fill(removed, float("-inf")), dim=-1)
+    log_teacher = torch_functional.log_softmax(zt.masked_fill(removed, float("-inf")), dim=-1)
     return _core.kl_rows(log_teacher, log_student, present=kept)
 
 
