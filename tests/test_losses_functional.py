@@ -359,3 +359,18 @@ def test_validate_false_skips_value_checks():
     value = F.nckd(student, teacher, target, temperature=torch.full((16, 1), 4.0, dtype=torch.float64),
                    validate=False)
     torch.testing.assert_close(value, F.nckd(student, teacher, target))
+
+
+def test_minus_infinity_logits_act_as_absent_classes():
+    """Token-level use masks vocabulary entries with -inf in both models: same as dropping them.
+    (DTKD is excluded: its gradient through T_s = f(max z) meets z / T_s with z = -inf.)"""
+    student, teacher, target = make_inputs(classes=10, seed=20)
+    target = target % 9
+    full_s = torch.cat([student, torch.full((16, 1), float("-inf"), dtype=torch.float64)], dim=1)
+    full_t = torch.cat([teacher, torch.full((16, 1), float("-inf"), dtype=torch.float64)], dim=1)
+    for loss in (lambda s, t: F.kd(s, t), lambda s, t: F.dkd(s, t, target),
+                 lambda s, t: F.nckd(s, t, target, keep=F.topk_keep_mask(t, target, 3))):
+        value = loss(full_s, full_t)
+        grad, = torch.autograd.grad(value, student)
+        torch.testing.assert_close(value, loss(student, teacher))
+        assert torch.isfinite(grad).all()

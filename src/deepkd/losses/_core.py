@@ -125,11 +125,14 @@ def kl_rows(log_teacher: torch.Tensor, log_student: torch.Tensor,
 
 
 def masked_mean(rows: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
-    """Mean of ``rows [N]`` over valid positions (0 when none is valid); no host sync."""
+    """Mean of ``rows [..., N]`` over the valid positions of the last dim (0 when none is valid).
+
+    ``torch.where`` rather than a product, so that a NaN in an ignored position stays out; no sync.
+    """
     if valid is None:
-        return rows.mean()
-    kept = torch.where(valid, rows, torch.zeros_like(rows))
-    return kept.sum() / valid.sum().clamp(min=1).to(rows.dtype)
+        return rows.mean(dim=-1)
+    kept = torch.where(valid, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    return kept.sum(dim=-1) / valid.sum().clamp(min=1)
 
 
 def scale_rows(rows: torch.Tensor, scale: Temperature) -> torch.Tensor:

@@ -88,14 +88,11 @@ def decoupled(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor
     zs, zt, safe, valid, scale = _decoupled_inputs(
         student, teacher, target, temperature, teacher_temperature, ignore_index, validate)
     with _core.full_precision(student.device):
-        mask = _core.target_mask(safe, zs.shape[-1])
-        tckd_rows, teacher_target_prob = _binary_rows(zs, zt, mask)
-        nckd_rows = _core.scale_rows(_non_target_rows(zs, zt, mask, _flat_keep(keep, student)), scale)
-        return DecoupledTerms(
-            tckd=_core.masked_mean(_core.scale_rows(tckd_rows, scale), valid),
-            nckd=_core.masked_mean(nckd_rows, valid),
-            weighted_nckd=_core.masked_mean((1 - teacher_target_prob) * nckd_rows, valid),
-            teacher_target_prob=_core.masked_mean(teacher_target_prob.detach(), valid))
+        tckd_rows, nckd_rows, teacher_target_prob = _decoupled_rows(zs, zt, safe, _flat_keep(keep, student))
+        nckd_rows = _core.scale_rows(nckd_rows, scale)
+        rows = torch.stack([_core.scale_rows(tckd_rows, scale), nckd_rows,
+                            (1 - teacher_target_prob) * nckd_rows, teacher_target_prob.detach()])
+        return DecoupledTerms(*_core.masked_mean(rows, valid).unbind(0))  # one reduction for all four
 
 
 def tckd(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, *,
@@ -110,7 +107,7 @@ def tckd(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, *,
     zs, zt, safe, valid, scale = _decoupled_inputs(
         student, teacher, target, temperature, teacher_temperature, ignore_index, validate)
     with _core.full_precision(student.device):
-        rows, _ = _binary_rows(zs, zt, _core.target_mask(safe, zs.shape[-1]))
+        rows, _, _ = _decoupled_rows(zs, zt, safe, None)
         return _core.masked_mean(_core.scale_rows(rows, scale), valid)
 
 
@@ -123,15 +120,14 @@ def nckd(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, *,
     ``q`` is the softmax over the non-target classes; ``keep`` (bool ``[..., C]``, True = kept, see
     :func:`topk_keep_mask`) further restricts it to a subset, applied to teacher and student alike.
     NOTE(paper): the reference code removes classes by subtracting 1000 from their logits after
-    dividing by T; deepkd removes them exactly (-inf, their terms set to 0), which is equal to
-    float precision and cannot leak probability for extreme logits. A row keeping no class gives 0.
+    dividing by T; deepkd removes them exactly (see ``_decoupled_rows``), which is equal to float
+    precision and cannot leak probability for extreme logits. A row keeping no class gives 0.
     """
     _core.check_classes(student.shape[-1])
     zs, zt, safe, valid, scale = _decoupled_inputs(
         student, teacher, target, temperature, teacher_temperature, ignore_index, validate)
     with _core.full_precision(student.device):
-        mask = _core.target_mask(safe, zs.shape[-1])
-        rows = _non_target_rows(zs, zt, mask, _flat_keep(keep, student))
+        _, rows, _ = _decoupled_rows(zs, zt, safe, _flat_keep(keep, student))
         return _core.masked_mean(_core.scale_rows(rows, scale), valid)
 
 
@@ -300,35 +296,52 @@ def _decoupled_inputs(student, teacher, target, temperature, teacher_temperature
     return zs / student_temperature, zt / teacher_temperature, safe, valid, scale
 
 
-def _binary_rows(zs: torch.Tensor, zt: torch.Tensor,
-                 mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-row KL(b_t || b_s) ``[N]`` and p_t,y ``[N]`` from temperature-divided logits ``[N, C]``."""
-    log_student = _log_binary(torch_functional.log_softmax(zs, dim=-1), mask)
-    log_teacher = _log_binary(torch_functional.log_softmax(zt, dim=-1), mask)
-    return _core.kl_rows(log_teacher, log_student), log_teacher[:, 0].exp()
+def _decoupled_rows(zs: torch.Tensor, zt: torch.Tensor, target: torch.Tensor,
+                    keep: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row KL(b_t || b_s), KL(q_t || q_s) and p_t,y, each ``[N]``, from ``z / T`` ``[N, C]``.
 
-
-def _log_binary(log_prob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``[log p_y, log sum_{c != y} p_c]`` as ``[N, 2]`` (log of the summed probabilities)."""
-    log_target = log_prob.masked_fill(~mask, 0.0).sum(dim=-1)  # exactly one True per row
-    log_rest = log_prob.masked_fill(mask, float("-inf")).logsumexp(dim=-1)
-    return torch.stack([log_target, log_rest], dim=-1)
-
-
-def _non_target_rows(zs: torch.Tensor, zt: torch.Tensor, mask: torch.Tensor,
-                     keep: Optional[torch.Tensor]) -> torch.Tensor:
-    """Per-row KL(q_t || q_s) ``[N]`` over the kept non-target classes (0 for a row keeping none).
-
-    NOTE(paper): with ``count_target=True`` and K = 1 a row can keep no class; the reference code
-    then subtracts 1000 from every logit, which removes nothing and distils the full distribution.
-    deepkd makes such a row contribute 0 (there is no non-target distribution to match).
+    Everything comes from log-sum-exps, without a full log-softmax per distribution:
+    ``log p_y = z_y - lse(z)``; ``log sum_{c != y} p_c = lse(z_{c != y}) - lse(z)`` (the reference's
+    log of summed probabilities, computed without underflow); ``log q_c = z_c - lse(z_kept)``.
+    NOTE(paper): the reference code removes classes by subtracting 1000 from their logits; here
+    they are removed exactly (-inf inside the log-sum-exp, zero teacher weight in the KL).
+    With ``count_target=True`` and K = 1 a row can keep no class; the reference then subtracts
+    1000 from every logit, which removes nothing and distils the full distribution; deepkd makes
+    such a row contribute 0 to NCKD (there is no non-target distribution to match).
     """
-    kept = ~mask if keep is None else keep & ~mask
-    # Only rows that keep something are masked, so an empty row never sees an all -inf softmax.
-    removed = ~kept & kept.any(dim=-1, keepdim=True)
-    log_student = torch_functional.log_softmax(zs.masked_fill(removed, float("-inf")), dim=-1)
-    log_teacher = torch_functional.log_softmax(zt.masked_fill(removed, float("-inf")), dim=-1)
-    return _core.kl_rows(log_teacher, log_student, present=kept)
+    index = target.unsqueeze(1)
+    all_s, all_t = _logsumexp(zs), _logsumexp(zt)
+    rest_logits_s = zs.scatter(1, index, float("-inf"))
+    rest_logits_t = zt.scatter(1, index, float("-inf"))
+    rest_s, rest_t = _logsumexp(rest_logits_s), _logsumexp(rest_logits_t)
+    log_binary_s = torch.stack([zs.gather(1, index).squeeze(1) - all_s, rest_s - all_s], dim=-1)
+    log_binary_t = torch.stack([zt.gather(1, index).squeeze(1) - all_t, rest_t - all_t], dim=-1)
+    tckd_rows = _core.kl_rows(log_binary_t, log_binary_s)
+    kept_any = None
+    if keep is not None:
+        kept = keep.scatter(1, index, False)
+        kept_any = kept.any(dim=-1, keepdim=True)
+        removed = ~kept & kept_any  # an empty row is left unmasked, then zeroed below
+        rest_logits_s, rest_logits_t = zs.masked_fill(removed, float("-inf")), zt.masked_fill(removed, float("-inf"))
+        rest_s, rest_t = _logsumexp(rest_logits_s), _logsumexp(rest_logits_t)
+    teacher_q = (rest_logits_t - rest_t.unsqueeze(1)).exp()
+    # log q_t - log q_s from the unmasked logits: finite at removed classes, where q_t is 0.
+    difference = (zt - rest_t.unsqueeze(1)) - (zs - rest_s.unsqueeze(1))
+    difference = difference.masked_fill(teacher_q == 0, 0.0)  # +-inf logits: no 0 * inf
+    nckd_rows = (teacher_q * difference).sum(dim=-1)
+    if kept_any is not None:
+        nckd_rows = nckd_rows.masked_fill(~kept_any.squeeze(1), 0.0)
+    return tckd_rows, nckd_rows, log_binary_t[:, 0].exp()
+
+
+def _logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """``log sum_c exp(z_c)`` over the last dim ``[N, C] -> [N]``.
+
+    Leaner than ``torch.logsumexp`` (which adds infinity handling passes); the shift by the row max
+    is detached because it cancels in value and gradient. A row of only -inf gives -inf.
+    """
+    shift = logits.detach().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(logits.dtype).min)
+    return (logits - shift).exp().sum(dim=-1).log() + shift.squeeze(-1)
 
 
 def _flat_keep(keep: Optional[torch.Tensor], logits: torch.Tensor) -> Optional[torch.Tensor]:
