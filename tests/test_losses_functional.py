@@ -374,3 +374,19 @@ def test_minus_infinity_logits_act_as_absent_classes():
         grad, = torch.autograd.grad(value, student)
         torch.testing.assert_close(value, loss(student, teacher))
         assert torch.isfinite(grad).all()
+
+
+def test_confident_rows_do_not_underflow_in_float32():
+    """A gap of 1000 logits underflows the reference's summed probabilities to log(0) = -inf;
+    deepkd's log-sum-exp form gives the exact finite value (checked against float64)."""
+    student, teacher, target = make_inputs(seed=21)
+    student = student.detach().clone()
+    student.scatter_(1, target[:, None], 1000.0)
+    for loss in (F.tckd, F.nckd, F.dkd):
+        narrow = loss(student.float(), teacher.float(), target, temperature=1.0)
+        wide = loss(student, teacher, target, temperature=1.0)
+        assert torch.isfinite(narrow)
+        torch.testing.assert_close(narrow.double(), wide, rtol=1e-5, atol=1e-4)
+    gt, other = ref_masks(student.float(), target)
+    binary = ref_cat_mask(torch.softmax(student.float(), dim=1), gt, other)
+    assert torch.isinf(torch.log(binary)).any()  # the reference arithmetic would give inf here

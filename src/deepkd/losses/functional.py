@@ -300,33 +300,33 @@ def _decoupled_rows(zs: torch.Tensor, zt: torch.Tensor, target: torch.Tensor,
                     keep: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row KL(b_t || b_s), KL(q_t || q_s) and p_t,y, each ``[N]``, from ``z / T`` ``[N, C]``.
 
-    Everything comes from log-sum-exps, without a full log-softmax per distribution:
-    ``log p_y = z_y - lse(z)``; ``log sum_{c != y} p_c = lse(z_{c != y}) - lse(z)`` (the reference's
-    log of summed probabilities, computed without underflow); ``log q_c = z_c - lse(z_kept)``.
-    NOTE(paper): the reference code removes classes by subtracting 1000 from their logits; here
-    they are removed exactly (-inf inside the log-sum-exp, zero teacher weight in the KL).
-    With ``count_target=True`` and K = 1 a row can keep no class; the reference then subtracts
-    1000 from every logit, which removes nothing and distils the full distribution; deepkd makes
-    such a row contribute 0 to NCKD (there is no non-target distribution to match).
+    One exponential per distribution: ``L = log sum_{c kept} exp(z_c)`` over the non-target
+    classes, ``q_c = exp(z_c - L)``; the binary pair is ``log p_y = z_y - logaddexp(L, z_y)`` and
+    ``log sum_{c != y} p_c = L - logaddexp(L, z_y)`` (the reference's log of summed probabilities,
+    computed without underflow). NOTE(paper): the reference code removes classes by subtracting
+    1000 from their logits; here they are removed exactly (-inf, zero teacher weight). With
+    ``count_target=True`` and K = 1 a row can keep no class; the reference then subtracts 1000 from
+    every logit (removing nothing, so it distils the full distribution); deepkd makes such a row
+    contribute 0 to NCKD, as there is no non-target distribution to match.
     """
     index = target.unsqueeze(1)
-    all_s, all_t = _logsumexp(zs), _logsumexp(zt)
-    rest_logits_s = zs.scatter(1, index, float("-inf"))
-    rest_logits_t = zt.scatter(1, index, float("-inf"))
-    rest_s, rest_t = _logsumexp(rest_logits_s), _logsumexp(rest_logits_t)
-    log_binary_s = torch.stack([zs.gather(1, index).squeeze(1) - all_s, rest_s - all_s], dim=-1)
-    log_binary_t = torch.stack([zt.gather(1, index).squeeze(1) - all_t, rest_t - all_t], dim=-1)
+    target_s, target_t = zs.gather(1, index).squeeze(1), zt.gather(1, index).squeeze(1)
+    rest_exp_s, rest_s = _shifted_exp(zs.scatter(1, index, float("-inf")))
+    rest_exp_t, rest_t = _shifted_exp(zt.scatter(1, index, float("-inf")))
+    all_s, all_t = torch.logaddexp(rest_s, target_s), torch.logaddexp(rest_t, target_t)
+    log_binary_s = torch.stack([target_s - all_s, rest_s - all_s], dim=-1)
+    log_binary_t = torch.stack([target_t - all_t, rest_t - all_t], dim=-1)
     tckd_rows = _core.kl_rows(log_binary_t, log_binary_s)
-    kept_any = None
+    kept_exp_t, kept_s, kept_t, kept_any = rest_exp_t, rest_s, rest_t, None
     if keep is not None:
         kept = keep.scatter(1, index, False)
         kept_any = kept.any(dim=-1, keepdim=True)
         removed = ~kept & kept_any  # an empty row is left unmasked, then zeroed below
-        rest_logits_s, rest_logits_t = zs.masked_fill(removed, float("-inf")), zt.masked_fill(removed, float("-inf"))
-        rest_s, rest_t = _logsumexp(rest_logits_s), _logsumexp(rest_logits_t)
-    teacher_q = (rest_logits_t - rest_t.unsqueeze(1)).exp()
+        _, kept_s = _shifted_exp(zs.masked_fill(removed, float("-inf")))
+        kept_exp_t, kept_t = _shifted_exp(zt.masked_fill(removed, float("-inf")))
+    teacher_q = kept_exp_t / kept_exp_t.sum(dim=-1, keepdim=True)
     # log q_t - log q_s from the unmasked logits: finite at removed classes, where q_t is 0.
-    difference = (zt - rest_t.unsqueeze(1)) - (zs - rest_s.unsqueeze(1))
+    difference = (zt - zs) - (kept_t - kept_s).unsqueeze(1)
     difference = difference.masked_fill(teacher_q == 0, 0.0)  # +-inf logits: no 0 * inf
     nckd_rows = (teacher_q * difference).sum(dim=-1)
     if kept_any is not None:
@@ -334,14 +334,15 @@ def _decoupled_rows(zs: torch.Tensor, zt: torch.Tensor, target: torch.Tensor,
     return tckd_rows, nckd_rows, log_binary_t[:, 0].exp()
 
 
-def _logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    """``log sum_c exp(z_c)`` over the last dim ``[N, C] -> [N]``.
+def _shifted_exp(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(exp(z - m), log sum_c exp(z_c))`` for ``[N, C]`` logits, ``m`` the (detached) row max.
 
-    Leaner than ``torch.logsumexp`` (which adds infinity handling passes); the shift by the row max
-    is detached because it cancels in value and gradient. A row of only -inf gives -inf.
+    The shift cancels in value and gradient; it keeps the largest term at exp(0) = 1, so the sum
+    never underflows. A row of only -inf gives zeros and -inf.
     """
     shift = logits.detach().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(logits.dtype).min)
-    return (logits - shift).exp().sum(dim=-1).log() + shift.squeeze(-1)
+    shifted = (logits - shift).exp()
+    return shifted, shifted.sum(dim=-1).log() + shift.squeeze(-1)
 
 
 def _flat_keep(keep: Optional[torch.Tensor], logits: torch.Tensor) -> Optional[torch.Tensor]:
