@@ -101,8 +101,9 @@ def tckd(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, *,
     """Target-class KD: ``T^2 * mean_b KL(b_t || b_s)``, ``b = [p_y, 1 - p_y]`` -> scalar.
 
     NOTE(paper): the reference code takes the log of the SUMMED student probabilities (not a
-    log-softmax over two logits). deepkd computes that same log as ``logsumexp`` of the log-probs,
-    which is the identical number without underflow to ``log(0)`` for very confident rows.
+    log-softmax over two logits). deepkd computes that same log as a log-sum-exp over the
+    non-target logits minus the full one (see ``_decoupled_rows``): the identical number, without
+    the underflow to ``log(0)`` that the sum of probabilities suffers for very confident rows.
     """
     zs, zt, safe, valid, scale = _decoupled_inputs(
         student, teacher, target, temperature, teacher_temperature, ignore_index, validate)
