@@ -1,0 +1,104 @@
+"""A device-resident loader: the whole uint8 dataset on the device, augmentation batched there.
+
+The CIFAR recipe's augmentation (4-pixel zero padding, a random 32x32 window, horizontal flip with
+p = 0.5, then normalisation) runs as one gather per batch with per-sample parameters, no worker
+processes and no per-sample Python. Batch ``i`` of epoch ``e`` is a pure function of
+``(seed, e, i)``: the epoch's order comes from a generator seeded by ``(seed, e)``, the batch's
+augmentation from one seeded by ``(seed, e, i)``, so a run resumed at any batch sees exactly the
+batches an uninterrupted run sees.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+_MIX = (1_000_003, 1_000_033)
+
+
+def _generator(*parts: int) -> torch.Generator:
+    value = 0
+    for part in parts:
+        value = (value * _MIX[0] + int(part) + _MIX[1]) % (2 ** 62)
+    return torch.Generator().manual_seed(value)
+
+
+class DeviceLoader:
+    """Batches ``(float32 images [b, 3, H, W], int64 labels [b])`` on ``device``.
+
+    Args:
+        images: ``uint8 [N, 3, H, W]`` (or ``[N, H, W, 3]``, converted once); labels ``int64 [N]``.
+        batch_size: the GLOBAL batch size. With ``world_size > 1`` every rank builds the same
+            global batch and keeps its slice ``torch.tensor_split(batch, world_size)[rank]`` (equal
+            when divisible; otherwise the first ranks get one more sample), so N ranks see
+            exactly the batch one process sees.
+        mean, std: per-channel normalisation constants in [0, 1] pixel units.
+        train: shuffle and augment; False gives a fixed order and no augmentation.
+        drop_last: drop the last partial batch (the reference recipe keeps it).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, mean: Sequence[float],
+                 std: Sequence[float], train: bool, device="cpu", seed: int = 0, drop_last: bool = False,
+                 pad: int = 4, flip: bool = True, rank: int = 0, world_size: int = 1):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        if images.shape[1] != 3 and images.shape[-1] == 3:
+            images = images.permute(0, 3, 1, 2)
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.device = torch.device(device)
+        self.images = images.contiguous().to(self.device)
+        self.labels = labels.to(self.device, torch.int64)
+        self.batch_size, self.train, self.seed, self.drop_last = batch_size, train, seed, drop_last
+        self.pad, self.flip, self.rank, self.world_size = pad, flip, rank, world_size
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.labels)
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.num_samples, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The epoch's sample order (a seeded permutation when training)."""
+        if not self.train:
+            return torch.arange(self.num_samples)
+        return torch.randperm(self.num_samples, generator=_generator(self.seed, epoch))
+
+    def augment_params(self, epoch: int, index: int, count: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Crop offsets ``dy, dx`` (uniform over 0..2*pad) and flip bits of batch ``index``."""
+        generator = _generator(self.seed, epoch, index)
+        offsets = torch.randint(0, 2 * self.pad + 1, (2, count), generator=generator)
+        flips = torch.rand(count, generator=generator) < 0.5 if self.flip else torch.zeros(count, dtype=torch.bool)
+        return offsets[0], offsets[1], flips
+
+    def augment(self, images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """Zero-pad, crop each image at its own offset and flip it, in one gather."""
+        count, _, height, width = images.shape
+        padded = F.pad(images, (self.pad,) * 4)  # zeros in raw pixel space, like RandomCrop(padding=4)
+        dy, dx, flips = dy.to(self.device), dx.to(self.device), flips.to(self.device)
+        columns = torch.arange(width, device=self.device)
+        columns = torch.where(flips[:, None], width - 1 - columns, columns) + dx[:, None]
+        rows = torch.arange(height, device=self.device) + dy[:, None]
+        batch = torch.arange(count, device=self.device)[:, None, None]
+        picked = padded[batch, :, rows[:, :, None], columns[:, None, :]]  # [b, H, W, 3]
+        return picked.permute(0, 3, 1, 2)
+
+    def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        order = self.order(epoch).to(self.device)
+        for index in range(start_batch, len(self)):
+            chosen = order[index * self.batch_size:(index + 1) * self.batch_size]
+            images, labels = self.images[chosen], self.labels[chosen]
+            if self.train:
+                images = self.augment(images, *self.augment_params(epoch, index, len(chosen)))
+            if self.world_size > 1:
+                images = torch.tensor_split(images, self.world_size)[self.rank]
+                labels = torch.tensor_split(labels, self.world_size)[self.rank]
+            yield (images.float() - self.mean) / self.std, labels
+
+    def __iter__(self):
+        return self.iter_epoch(0)
