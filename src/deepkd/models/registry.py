@@ -30,3 +30,19 @@ def list_models(pattern: Optional[str] = None) -> List[str]:
 def model_info(name: str) -> dict:
     """Registration metadata of a model: ``input_size``, ``dataset``."""
     return MODELS.info(name)
+
+
+def format_model_table(pattern: Optional[str] = None) -> str:
+    """Name, trainable parameters (millions; 100 classes for CIFAR models, 1000 for ImageNet) and
+    input size of every registered model matching ``pattern``."""
+    import torch
+
+    rows = ["name                      params  input"]
+    for name in list_models(pattern):
+        info = MODELS.info(name)
+        classes = 1000 if info.get("dataset") == "imagenet" else 100
+        with torch.device("meta"):  # no memory, no initialisation cost
+            model = create_model(name, num_classes=classes)
+        count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        rows.append(f"{name:<24} {count / 1e6:6.3f}M  {info.get('input_size', 32)}")
+    return "\n".join(rows)
