@@ -273,6 +273,7 @@ def _run_epoch(run: Run, epoch: int, position: Dict[str, Any], stop: _Interrupt)
             run.progress.line(f"stopped at step {position['step']}; resume with --resume ({run.run_dir})")
             return False
     _check_finite(run, bad_step)
+    _check_parameters(run, position["step"])
     position["train_metrics"] = meters.averages(run.ctx)
     position["epoch_seconds"] = time.time() - started
     return True
@@ -283,6 +284,15 @@ def _check_finite(run: Run, bad_step: torch.Tensor) -> None:
     if step >= 0:
         raise NonFiniteLossError(f"non-finite loss at step {step + 1}; stopped, the last good checkpoint "
                                  f"in {str(run.run_dir)!r} is kept")
+
+
+def _check_parameters(run: Run, step: int) -> None:
+    """Before a checkpoint: the last update can turn weights non-finite while its loss was finite."""
+    tensors = [*run.params, *(b for b in run.student.buffers() if b.is_floating_point())]
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+    if not bool(finite):
+        raise NonFiniteLossError(f"the student's parameters or BatchNorm statistics became non-finite by step {step}; stopped, the "
+                                 f"last good checkpoint in {str(run.run_dir)!r} is kept")
 
 
 def _record_gsnr(run: Run, images: torch.Tensor, targets: torch.Tensor, epoch: int, step: int) -> None:
