@@ -45,7 +45,7 @@ class Registry:
             return self._builders[name]
         near = closest(name, self._builders)
         hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
-        raise KeyError(f"unknown {self.kind} {name!r}{hint} (see list of {self.kind}s: {len(self)} registered)")
+        raise KeyError(f"unknown {self.kind} {name!r}{hint} ({len(self)} {self.kind}s registered)")
 
     def info(self, name: str) -> Dict[str, Any]:
         """The keyword metadata given at registration."""
