@@ -45,10 +45,12 @@ def _batched(losses, names, params, retain_graph) -> StreamGrads:
 
 
 def gsnr(model: nn.Module, loss_fn: Callable[..., Mapping[str, torch.Tensor]], inputs: torch.Tensor,
-         targets: torch.Tensor, *, params: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
+         targets: torch.Tensor, *, extra: Sequence[torch.Tensor] = (),
+         params: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     """Gradient signal-to-noise ratio per stream from per-sample gradients (METHODS.md 4.1).
 
-    ``loss_fn(logits [1, C], target [1]) -> {stream: scalar}`` is evaluated on each sample alone
+    ``loss_fn(logits [1, C], target [1], *extra_i) -> {stream: scalar}`` is evaluated on each sample
+    alone (``extra``: per-sample tensors such as teacher logits, sliced like the inputs)
     through ``torch.func.vmap(torch.func.grad(...))``; for every parameter element j,
     ``GSNR_j = mean_i(g_ij)^2 / var_i(g_ij)`` (population variance over the n samples; elements
     with zero variance are left out). Returned per stream: ``{"overall": mean over all elements,
@@ -65,14 +67,15 @@ def gsnr(model: nn.Module, loss_fn: Callable[..., Mapping[str, torch.Tensor]], i
     model.eval()
     try:
         with torch.no_grad():
-            streams = list(loss_fn(model(inputs[:1]), targets[:1]).keys())
+            streams = list(loss_fn(model(inputs[:1]), targets[:1], *(e[:1] for e in extra)).keys())
         result = {}
         for stream in streams:
-            def sample_loss(weights, x, y, stream=stream):
+            def sample_loss(weights, x, y, *rest, stream=stream):
                 logits = functional_call(model, (weights, buffers), (x[None],))
-                return loss_fn(logits, y[None])[stream]
+                return loss_fn(logits, y[None], *(r[None] for r in rest))[stream]
 
-            per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(detached, inputs, targets)
+            in_dims = (None, 0, 0) + (0,) * len(extra)
+            per_sample = vmap(grad(sample_loss), in_dims=in_dims)(detached, inputs, targets, *extra)
             result[stream] = _ratio(per_sample)
         return result
     finally:
