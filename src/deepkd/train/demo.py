@@ -19,9 +19,9 @@ from deepkd.train.plots import plot_comparison
 
 # deepkd's own demo recipe, tuned on the synthetic set (BENCHMARKS.md "synthetic" section).
 DEMO = {
-    "teacher_model": "cnn_w32", "student_model": "cnn_w8",
-    "num_train": 10000, "num_test": 2000, "noise": 1.5, "batch_size": 64,
-    "teacher_epochs": 8, "student_epochs": 8, "lr": 0.05, "warmup_epochs": 2,
+    "teacher_model": "cnn_w16", "student_model": "cnn_w4",
+    "num_train": 8000, "num_test": 2000, "noise": 1.5, "batch_size": 64,
+    "teacher_epochs": 6, "student_epochs": 6, "lr": 0.05, "warmup_epochs": 2,
 }
 QUICK = {**DEMO, "num_train": 1024, "num_test": 512, "teacher_epochs": 1, "student_epochs": 1}
 
