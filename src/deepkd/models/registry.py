@@ -15,8 +15,13 @@ def register_model(name: str, *, input_size: int = 32, dataset: str = "cifar", *
     return MODELS.register(name, input_size=input_size, dataset=dataset, **info)
 
 
-def create_model(name: str, num_classes: int = 100, **kwargs) -> nn.Module:
-    """Build a registered architecture; ``forward(x)`` returns logits ``[B, num_classes]``."""
+def create_model(name: str, num_classes: Optional[int] = None, **kwargs) -> nn.Module:
+    """Build a registered architecture; ``forward(x)`` returns logits ``[B, num_classes]``.
+
+    ``num_classes`` defaults to the model's dataset: 100 for CIFAR models, 1000 for ImageNet ones.
+    """
+    if num_classes is None:
+        num_classes = 1000 if MODELS.info(name).get("dataset") == "imagenet" else 100
     model = MODELS.build(name, num_classes=num_classes, **kwargs)
     model.deepkd_name = name
     return model
