@@ -76,19 +76,7 @@ def test_ranks_split_the_global_batch():
 
 
 def write_cifar(folder, train=50, test=20):
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, count in (("train", train), ("test", test)):
-        entry = {"filenames": [f"{split}_{i}.png" for i in range(count)], "batch_label": f"{split} batch",
-                 "fine_labels": rng.integers(0, 100, count).tolist(),
-                 "coarse_labels": rng.integers(0, 20, count).tolist(),
-                 "data": rng.integers(0, 256, (count, 3072), dtype=np.uint8)}
-        with open(folder / split, "wb") as handle:
-            pickle.dump(entry, handle, protocol=2)
-    with open(folder / "meta", "wb") as handle:
-        pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)],
-                     "coarse_label_names": [f"s{i}" for i in range(20)]}, handle)
-    return folder
+    return cifar.write_python_format(folder, train, test)
 
 
 def test_cifar_archive_md5_extract_and_read(tmp_path):
@@ -107,7 +95,8 @@ def test_cifar_archive_md5_extract_and_read(tmp_path):
         raw = pickle.load(handle, encoding="latin1")
     assert images.shape == (50, 3, 32, 32) and images.dtype == torch.uint8
     assert torch.equal(images[3].reshape(-1), torch.from_numpy(raw["data"][3]))  # rows are CHW
-    assert labels.tolist() == raw["fine_labels"]
+    assert labels.tolist() == raw["fine_labels"] and len(raw["coarse_labels"]) == 50
+    assert set(raw) >= {"data", "fine_labels", "coarse_labels", "filenames", "batch_label"}
     assert cifar.prepare(folder, download=False) == folder  # an extracted folder works directly
 
 

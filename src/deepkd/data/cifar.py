@@ -82,3 +82,23 @@ def read_split(folder: Path, split: str) -> Tuple[torch.Tensor, torch.Tensor]:
     data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
     labels = np.asarray(entry["fine_labels"], dtype=np.int64)
     return torch.from_numpy(data.copy()), torch.from_numpy(labels)
+
+
+def write_python_format(folder: str | Path, num_train: int, num_test: int, seed: int = 0) -> Path:
+    """Write random images in the exact ``cifar-100-python`` layout (``train``, ``test``, ``meta``
+    pickles; ``data`` uint8 [N, 3072] CHW rows, ``fine_labels``, ``coarse_labels``), for tests and
+    dry runs of real recipes without the real download."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", num_train), ("test", num_test)):
+        fine = rng.integers(0, 100, count)
+        entry = {"filenames": [f"{split}_{i:05d}.png" for i in range(count)], "batch_label": f"{split} batch",
+                 "fine_labels": fine.tolist(), "coarse_labels": (fine // 5).tolist(),
+                 "data": rng.integers(0, 256, (count, 3072), dtype=np.uint8)}
+        with open(folder / split, "wb") as handle:
+            pickle.dump(entry, handle, protocol=2)
+    with open(folder / "meta", "wb") as handle:
+        pickle.dump({"fine_label_names": [f"class_{i}" for i in range(100)],
+                     "coarse_label_names": [f"superclass_{i}" for i in range(20)]}, handle, protocol=2)
+    return folder
