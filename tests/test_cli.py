@@ -61,7 +61,7 @@ def test_resume_from_run_dir(tmp_path):
     assert main(["train", str(recipe)]) == 0
     run_dir = tmp_path / "runs" / "cli" / "seed1"
     assert load_checkpoint(run_dir / "last.pt")["step"] == 3
-    assert main(["train", "--resume", str(run_dir), "train.stop_after_steps=0"]) == 0
+    assert main(["train", str(run_dir), "--resume", "train.stop_after_steps=0"]) == 0
     assert load_checkpoint(run_dir / "last.pt")["step"] == 8
 
 
@@ -112,3 +112,25 @@ def test_demo_quick_json(tmp_path, capsys):
     assert set(result) == {"teacher", "student alone", "KD", "DKD", "DTKD", "DeepKD+DKD", "seconds"}
     assert all(0.0 <= result[k] <= 100.0 for k in result if k != "seconds")
     assert (tmp_path / "demo" / "comparison.png").is_file()
+
+
+def test_ctrl_c_saves_and_resumes(tmp_path):
+    import signal
+
+    recipe = write_recipe(tmp_path, data={**RECIPE["data"], "synthetic": {"num_train": 4096, "num_test": 64}},
+                          schedule={"name": "step", "epochs": 1, "milestones": []},
+                          train={"progress": "lines", "log_every": 1, "tensorboard": "off"})
+    process = subprocess.Popen([sys.executable, "-m", "deepkd.cli", "train", str(recipe)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in process.stdout:
+        if "[3/128]" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    output = process.stdout.read()
+    assert process.wait(timeout=120) == 0, output
+    assert "stopped at step" in output
+    run_dir = tmp_path / "runs" / "cli" / "seed1"
+    stopped = load_checkpoint(run_dir / "last.pt")
+    assert 3 <= stopped["batch"] < 128 and stopped["epoch"] == 1
+    assert main(["train", str(recipe), "--resume", "train.progress=none"]) == 0
+    assert load_checkpoint(run_dir / "last.pt")["step"] == 128

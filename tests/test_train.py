@@ -123,3 +123,28 @@ def test_teacher_mismatch_and_missing_files(tmp_path):
     corrupt.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="corrupt"):
         load_checkpoint(corrupt)
+
+
+def test_bf16_and_channels_last_run(tmp_path):
+    cfg = tiny_config(tmp_path, schedule__epochs=1, train={"progress": "none", "tensorboard": "off",
+                                                           "precision": "bf16", "channels_last": True})
+    summary = train(cfg)
+    assert summary["status"] == "finished" and 0.0 <= summary["best_top1"] <= 100.0
+    ckpt = load_checkpoint(tmp_path / "runs" / "tiny" / "seed3" / "last.pt")
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_gsnr_recorded_and_plotted(tmp_path):
+    from deepkd.train.plots import plot_runs
+
+    teacher = trained_teacher(tmp_path)
+    cfg = tiny_config(tmp_path, method={"name": "deepkd_dkd", "warmup_epochs": 1},
+                      optimizer={"name": "decoupled", "lr": 0.05},
+                      teacher={"name": "cnn_w4", "weights": teacher}, train__gsnr_every=2, train__gsnr_samples=8)
+    train(cfg)
+    run_dir = tmp_path / "runs" / "tiny" / "seed3"
+    records = [json.loads(x) for x in (run_dir / "gsnr.jsonl").read_text().splitlines()]
+    assert len(records) == 5 and {"gsnr/task", "gsnr/target", "gsnr/non_target"} <= set(records[0])
+    assert all(r["gsnr/task"] > 0 for r in records)
+    paths = plot_runs([run_dir])
+    assert [p.name for p in paths] == ["curves.png", "gsnr.png"]

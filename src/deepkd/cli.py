@@ -15,10 +15,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepkd", description="Logit knowledge distillation trainer.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a teacher or distil a student from a YAML recipe")
-    train.add_argument("recipe", nargs="?", help="YAML recipe (configs/...); optional with --resume RUN_DIR")
+    train.add_argument("recipe", help="YAML recipe (configs/...), or a run folder to continue with --resume")
     train.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optimizer.lr=0.1")
-    train.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
-                       help="continue the run's last checkpoint (the recipe's run dir, or RUN_DIR)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from last.pt of the recipe's run folder (or of the run folder given)")
     demo = sub.add_parser("demo", help="offline demo on the shipped synthetic set")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (CI smoke test)")
     demo.add_argument("--json", action="store_true", help="print a JSON object of the results last")
@@ -41,21 +41,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from deepkd.train.checkpoint import load_checkpoint
-    from deepkd.train.config import load_config, validate_config
+    from deepkd.train.config import apply_overrides, load_config, validate_config
     from deepkd.train.loop import train
 
-    if isinstance(args.resume, str):
-        run_dir = Path(args.resume)
+    if Path(args.recipe).is_dir():
+        if not args.resume:
+            raise ValueError(f"{args.recipe!r} is a run folder: add --resume to continue it")
+        run_dir = Path(args.recipe)
         raw = load_checkpoint(run_dir / "last.pt")["config"]
-        from deepkd.train.config import apply_overrides
-
         cfg = validate_config(apply_overrides(raw, args.overrides), f"{run_dir}/last.pt")
         summary = train(cfg, resume=True, run_dir=run_dir)
     else:
-        if args.recipe is None:
-            raise ValueError("give a recipe (deepkd train configs/....yaml) or --resume RUN_DIR")
         cfg = load_config(args.recipe, args.overrides)
-        summary = train(cfg, resume=bool(args.resume))
+        summary = train(cfg, resume=args.resume)
     print(json.dumps(summary))
     return 0
 
@@ -111,7 +109,12 @@ COMMANDS = {"train": cmd_train, "list": cmd_list, "eval": cmd_eval, "plot": cmd_
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides given after an option (train recipe.yaml --resume a.b=1) are still overrides
+        if args.command not in ("train", "eval") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

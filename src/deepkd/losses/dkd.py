@@ -40,7 +40,7 @@ class DKD(Method):
                 target: torch.Tensor, *, epoch: int) -> Dict[str, LossTerm]:
         """Logits ``[..., C]``, target ``[...]`` -> ``{"ce", "tckd", "nckd"}`` scalar terms."""
         self.num_classes = student_logits.shape[-1]
-        ce = F.cross_entropy(student_logits, target, ignore_index=self.ignore_index)
+        ce = F.cross_entropy(student_logits, target, ignore_index=self.ignore_index, validate=False)
         keep = self.dtm.keep(teacher_logits, target, epoch, self.ignore_index)
         terms = F.decoupled(student_logits, teacher_logits, target, temperature=self.temperature,
                             keep=keep, ignore_index=self.ignore_index, validate=False)

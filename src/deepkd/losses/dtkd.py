@@ -34,7 +34,7 @@ class DTKD(Method):
     def forward(self, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor],
                 target: torch.Tensor, *, epoch: int) -> Dict[str, LossTerm]:
         """Logits ``[..., C]``, target ``[...]`` -> ``{"ce", "dtkd"}`` scalar terms."""
-        ce = F.cross_entropy(student_logits, target, ignore_index=self.ignore_index)
+        ce = F.cross_entropy(student_logits, target, ignore_index=self.ignore_index, validate=False)
         distill = F.dtkd(student_logits, teacher_logits, temperature=self.temperature,
                          alpha=self.alpha, beta=self.beta, guard=self.guard, target=target,
                          ignore_index=self.ignore_index, validate=not self.guard)

@@ -35,7 +35,7 @@ class KD(Method):
     def forward(self, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor],
                 target: torch.Tensor, *, epoch: int) -> Dict[str, LossTerm]:
         """Logits ``[..., C]``, target ``[...]`` -> ``{"ce", "kd"}`` scalar terms."""
-        ce = F.cross_entropy(student_logits, target, ignore_index=self.ignore_index)
+        ce = F.cross_entropy(student_logits, target, ignore_index=self.ignore_index, validate=False)
         distill = F.kd(student_logits, teacher_logits, temperature=self.temperature, target=target,
                        ignore_index=self.ignore_index, validate=False)
         weight = warmup_factor(epoch, self.warmup_epochs) * self.kd_weight

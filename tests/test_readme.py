@@ -1,0 +1,14 @@
+"""The README's example is code that runs."""
+import pathlib
+import re
+
+import torch
+
+
+def test_readme_example_runs():
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    assert "F.dkd" in block and "DecoupledMomentumSGD" in block and "stream_grads" in block
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert torch.isfinite(namespace["logits"]).all()
