@@ -50,11 +50,11 @@ def test_forward_backward_features(name):
     assert feats["pooled"].dim() == 2 and feats["pooled"].shape[0] == 2
 
 
-@pytest.mark.parametrize("name", ["resnet8x4", "wrn_16_2", "ShuffleV2", "MobileNetV2", "mobilenetv1"])
+@pytest.mark.parametrize("name", MODELS)
 def test_channels_last_and_bf16(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=10).eval()
-    size = model_info(name)["input_size"] if name != "mobilenetv1" else 64
+    size = 32 if model_info(name)["input_size"] == 32 else 64
     x = torch.randn(2, 3, size, size)
     reference = model(x)
     model = model.to(memory_format=torch.channels_last)
