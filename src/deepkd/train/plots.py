@@ -30,7 +30,7 @@ def _curves(ax, runs: List[Path], data: Dict[Path, list], keys: Sequence[str], t
             values = [r.get(key) for r in records]
             if any(v is not None for v in values):
                 suffix = f" {key}" if len(keys) > 1 else ""
-                ax.plot(epochs, [float("nan") if v is None else v for v in values],
+                ax.plot(epochs, [float("nan") if v is None else v for v in values], marker="o", markersize=3,
                         label=_label(run_dir, runs) + suffix)
     ax.set_title(title)
     ax.set_xlabel("epoch")
@@ -38,6 +38,8 @@ def _curves(ax, runs: List[Path], data: Dict[Path, list], keys: Sequence[str], t
         ax.set_yscale("log")
     if ax.lines:
         ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "not recorded in these runs", ha="center", va="center", transform=ax.transAxes)
 
 
 def plot_runs(paths: Sequence[str | Path], out: Optional[str | Path] = None) -> List[Path]:
