@@ -88,17 +88,31 @@ class DeviceLoader:
         picked = padded[batch, :, rows[:, :, None], columns[:, None, :]]  # [b, H, W, 3]
         return picked.permute(0, 3, 1, 2)
 
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels -> float32 ``(x / 255 - mean) / std``."""
+        return (images.float() - self.mean) / self.std
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        if getattr(self, "_cached", (None,))[0] != epoch:
+            self._cached = (epoch, self.order(epoch).to(self.device))
+        return self._cached[1]
+
+    def _shard(self, tensor: torch.Tensor) -> torch.Tensor:
+        return torch.tensor_split(tensor, self.world_size)[self.rank] if self.world_size > 1 else tensor
+
+    def batch_views(self, epoch: int, index: int) -> Tuple[torch.Tensor, ...]:
+        """This rank's sample indices and view parameters ``(indices, dy, dx, flips)`` of a batch."""
+        chosen = self._epoch_order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
+        dy, dx, flips = self.augment_params(epoch, index, len(chosen))
+        return tuple(self._shard(t.to(self.device)) for t in (chosen, dy, dx, flips))
+
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        order = self.order(epoch).to(self.device)
         for index in range(start_batch, len(self)):
-            chosen = order[index * self.batch_size:(index + 1) * self.batch_size]
-            images, labels = self.images[chosen], self.labels[chosen]
+            chosen, dy, dx, flips = self.batch_views(epoch, index)  # this rank's slice only
+            images = self.images[chosen]
             if self.train:
-                images = self.augment(images, *self.augment_params(epoch, index, len(chosen)))
-            if self.world_size > 1:
-                images = torch.tensor_split(images, self.world_size)[self.rank]
-                labels = torch.tensor_split(labels, self.world_size)[self.rank]
-            yield (images.float() - self.mean) / self.std, labels
+                images = self.augment(images, dy, dx, flips)
+            yield self.normalize(images), self.labels[chosen]
 
     def __iter__(self):
         return self.iter_epoch(0)

@@ -92,6 +92,35 @@ def build_schedule(cfg: ScheduleConfig, base_lr: float) -> Callable[[int, float]
                                              cfg.warmup_start_factor, cfg.min_lr)
 
 
+def build_teacher_cache(cfg: RunConfig, teacher: nn.Module, loader, ctx):
+    """Teacher logits of every augmented view, shared on disk by every run with the same teacher
+    weights and training images (``<output_dir>/.teacher_cache/<key>.pt``); rank 0 computes it."""
+    import hashlib
+    import json
+
+    import torch.distributed as dist
+
+    from deepkd.data.device_loader import DeviceLoader
+    from deepkd.data.teacher_cache import TeacherLogitCache
+
+    if not isinstance(loader, DeviceLoader):
+        raise ValueError("train.teacher_cache needs the device-resident loader (cifar100 or synthetic data)")
+    digest = hashlib.sha256(Path(cfg.teacher.weights).read_bytes())
+    images = [cfg.data.dataset, cfg.data.root, cfg.data.synthetic.model_dump(mode="json"), loader.num_samples]
+    digest.update(json.dumps([cfg.teacher.name, images, cfg.train.teacher_cache_dtype]).encode())
+    path = Path(cfg.output_dir) / ".teacher_cache" / f"{digest.hexdigest()[:20]}.pt"
+    if ctx.is_main and not path.is_file():
+        dtype = torch.bfloat16 if cfg.train.teacher_cache_dtype == "bf16" else torch.float32
+        cache = TeacherLogitCache.build(teacher, loader, dtype=dtype)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        cache.save(tmp)
+        tmp.replace(path)
+    if ctx.enabled:
+        dist.barrier()
+    return TeacherLogitCache.load(path, device=loader.device)
+
+
 def describe(cfg: RunConfig) -> str:
     teacher = f"{cfg.teacher.name} -> " if cfg.teacher is not None else ""
     return f"{cfg.experiment}: {teacher}{cfg.student.name}, method {cfg.method.name}, seed {cfg.seed}"

@@ -117,6 +117,8 @@ class TrainConfig(_Strict):
     wandb: bool = False
     wandb_project: str = "deepkd"
     stop_after_steps: int = Field(0, ge=0)
+    teacher_cache: bool = False
+    teacher_cache_dtype: Literal["bf16", "fp32"] = "bf16"
 
 
 class RunConfig(_Strict):

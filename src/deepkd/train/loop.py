@@ -44,6 +44,7 @@ class Run:
     params: list
     writer: Optional[MetricsWriter]
     progress: Progress
+    cache: Any = None  # TeacherLogitCache serving the teacher's logits per augmented view
 
     @property
     def decoupled(self) -> bool:
@@ -57,12 +58,15 @@ def autocast(run: Run):
     return contextlib.nullcontext()
 
 
-def train_step(run: Run, images: torch.Tensor, targets: torch.Tensor, epoch: int):
-    """One optimisation step; returns the detached loss terms and the student logits."""
+def train_step(run: Run, images: torch.Tensor, targets: torch.Tensor, epoch: int,
+               teacher_logits: Optional[torch.Tensor] = None):
+    """One optimisation step; returns the detached loss terms and the student logits.
+
+    ``teacher_logits`` (from the teacher-logit cache) replaces the teacher forward when given.
+    """
     with autocast(run):
         logits = run.forward(images)
-        teacher_logits = None
-        if run.teacher is not None:
+        if teacher_logits is None and run.teacher is not None:
             with torch.no_grad():
                 teacher_logits = run.teacher(images).float()
     terms = run.method(logits.float(), teacher_logits, targets, epoch=epoch)
@@ -186,10 +190,13 @@ def setup_run(cfg: RunConfig, run_dir: Path) -> Run:
         save_config(cfg, run_dir / "config.yaml")
         writer = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb,
                                wandb_project=cfg.train.wandb_project, config=config_to_dict(cfg))
-    return Run(cfg, run_dir, device, ctx, student, forward, teacher, method, optimizer,
-               build.build_schedule(cfg.schedule, cfg.optimizer.lr), data,
-               [p for p in student.parameters() if p.requires_grad], writer,
-               Progress(cfg.train.progress, cfg.train.log_every, enabled=ctx.is_main))
+    run = Run(cfg, run_dir, device, ctx, student, forward, teacher, method, optimizer,
+              build.build_schedule(cfg.schedule, cfg.optimizer.lr), data,
+              [p for p in student.parameters() if p.requires_grad], writer,
+              Progress(cfg.train.progress, cfg.train.log_every, enabled=ctx.is_main))
+    if cfg.train.teacher_cache and teacher is not None:
+        run.cache = build.build_teacher_cache(cfg, teacher, data.train, ctx)
+    return run
 
 
 def restore(run: Run, path: Path) -> Dict[str, Any]:
@@ -257,7 +264,8 @@ def _run_epoch(run: Run, epoch: int, position: Dict[str, Any], stop: _Interrupt)
     for index, (images, targets) in enumerate(batches, start=start):
         _set_lr(run, epoch, index / total)
         images, targets = _to_device(images, targets, run)
-        terms, logits = train_step(run, images, targets, epoch)
+        cached = run.cache.lookup(*loader.batch_views(epoch, index)) if run.cache is not None else None
+        terms, logits = train_step(run, images, targets, epoch, cached)
         meters.update(terms, logits, targets)
         loss = torch.stack(list(terms.values())).sum()
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), position["step"], bad_step)
