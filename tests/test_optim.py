@@ -125,7 +125,7 @@ MODELS = [name for name in ("resnet8x4", "cnn_w8") if name in list_models()]
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("batched", [False, True, "auto"])
 def test_stream_grads_equal_separate_backward_passes(name, batched):
     torch.manual_seed(0)
     model = create_model(name).train()  # BatchNorm in train mode
@@ -140,6 +140,28 @@ def test_stream_grads_equal_separate_backward_passes(name, batched):
         loss.backward(retain_graph=True)
         for p, g in zip(params, ours[key]):
             torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_stream_grads_batched_failure_falls_back_once(monkeypatch):
+    """A graph the batched product cannot handle gives the separate-pass result, and is remembered."""
+    import deepkd.optim.streams as streams
+
+    weight = torch.randn(5, requires_grad=True)
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no batching rule")
+
+    monkeypatch.setattr(streams, "_batched", failing)
+    for _ in range(2):
+        losses = {"a": (weight * weight).sum(), "b": weight.sin().sum()}
+        ours = stream_grads(losses, [weight], batched=True)
+        torch.testing.assert_close(ours["a"][0], 2 * weight.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(ours["b"][0], weight.detach().cos())
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="batched"):
+        stream_grads({"a": weight.sum()}, [weight], batched="yes")
 
 
 def test_gsnr_known_answer():

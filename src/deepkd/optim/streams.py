@@ -1,34 +1,48 @@
 """Per-stream gradients in one call, and the gradient signal-to-noise ratio (GSNR) of each stream."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakTensorKeyDictionary
 
 StreamGrads = Dict[str, List[Optional[torch.Tensor]]]
+# First parameter of each parameter list whose graph failed the batched product (weak: a deleted
+# model drops its entry).
+_BATCHED_FAILED = WeakTensorKeyDictionary()
 
 
 def stream_grads(losses: Mapping[str, torch.Tensor], params: Sequence[torch.Tensor], *,
-                 retain_graph: bool = False, batched: bool = False) -> StreamGrads:
+                 retain_graph: bool = False, batched: Union[bool, str] = "auto") -> StreamGrads:
     """Gradients of each named scalar loss w.r.t. ``params``: ``{name: [grad or None per param]}``.
 
     ``batched=True`` computes all of them with one vector-Jacobian product over a batch of one-hot
     cotangents (``torch.autograd.grad(..., is_grads_batched=True)``, vmap over the backward graph);
-    when an operation of the graph has no batching rule it falls back to separate passes. The
-    default is separate ``torch.autograd.grad`` passes sharing one forward graph: on the CPU they
-    measured faster than the batched product (BENCHMARKS.md, stream_grads), and they are the exact
-    reference. Parameters a loss does not reach get ``None``.
+    when an operation of the graph has no batching rule it falls back to separate passes and
+    remembers the failure for these parameters (later calls go straight to separate passes).
+    ``batched=False`` always uses separate ``torch.autograd.grad`` passes sharing one forward graph
+    (the exact reference). ``batched="auto"`` (default) uses the batched product off the CPU and
+    separate passes on the CPU, where they measured faster (BENCHMARKS.md, stream_grads).
+    Parameters a loss does not reach get ``None``.
     """
     names = list(losses)
     params = list(params)
     if not names:
         return {}
-    if batched and len(names) > 1:
+    if batched == "auto":
+        batched = bool(params) and params[0].device.type != "cpu"
+    elif not isinstance(batched, bool):
+        raise ValueError(f"batched must be True, False or 'auto', got {batched!r}")
+    known_failure = bool(params) and params[0] in _BATCHED_FAILED
+    if batched and len(names) > 1 and not known_failure:
         try:
             return _batched(losses, names, params, retain_graph)
         except RuntimeError:
-            pass  # no batching rule for some op of the graph: exact separate passes below
+            # No batching rule for some op of the graph: exact separate passes below, and do not
+            # pay for the failed attempt again with the same parameters (the same model).
+            if params:
+                _BATCHED_FAILED[params[0]] = True
     grads: StreamGrads = {}
     for index, name in enumerate(names):
         keep = retain_graph or index < len(names) - 1
