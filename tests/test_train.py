@@ -148,3 +148,19 @@ def test_gsnr_recorded_and_plotted(tmp_path):
     assert all(r["gsnr/task"] > 0 for r in records)
     paths = plot_runs([run_dir])
     assert [p.name for p in paths] == ["curves.png", "gsnr.png"]
+
+
+@pytest.mark.slow
+def test_compiled_run_matches_eager(tmp_path):
+    """train.compile=true (inductor; ~30 s of compilation on a CPU) trains like eager."""
+    eager = tiny_config(tmp_path, experiment="eager", schedule__epochs=1, train__stop_after_steps=3)
+    compiled = tiny_config(tmp_path, experiment="compiled", schedule__epochs=1,
+                           train={"progress": "none", "tensorboard": "off", "compile": True, "stop_after_steps": 3})
+    train(eager)
+    train(compiled)
+    a = load_checkpoint(tmp_path / "runs" / "eager" / "seed3" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "runs" / "compiled" / "seed3" / "last.pt")["model"]
+    assert set(a) == set(b)
+    for key in a:
+        if a[key].is_floating_point():
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
