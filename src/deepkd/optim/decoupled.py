@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 
 Grads = Mapping[str, Sequence[Optional[torch.Tensor]]]
 DEFAULT_STREAM = "default"
+DEEPKD_MOMENTUM = {"task": 0.825, "target": 0.825, "non_target": 0.95}  # RECIPES.md: resnet32x4 -> resnet8x4
 
 
 def _merge(momentum: Mapping[str, float], merge_equal: bool) -> Dict[str, Tuple[str, ...]]:
@@ -41,22 +42,28 @@ class DecoupledMomentumSGD(Optimizer):
         params: parameters or param groups (per-group ``lr`` and ``weight_decay`` allowed; a
             ``weight_decay=0`` group is the usual no-decay group).
         lr: learning rate.
-        momentum: ``{stream: coefficient}``; a float means one stream called ``"default"``.
+        momentum: ``{stream: coefficient}`` (default DeepKD's ``task .825, target .825,
+            non_target .95``); a float means one stream called ``"default"``, which then also
+            carries the weight decay (``weight_decay_stream`` is ignored): plain momentum SGD.
         weight_decay: L2 coefficient added to ``weight_decay_stream``'s gradient.
         weight_decay_stream: the stream that carries weight decay (must be a key of ``momentum``).
         merge_equal: share one buffer between streams of equal coefficient (exact).
     """
 
-    def __init__(self, params: Iterable, lr: float, momentum: Union[float, Mapping[str, float]] = 0.9,
-                 weight_decay: float = 0.0, weight_decay_stream: Optional[str] = None,
+    def __init__(self, params: Iterable, lr: float,
+                 momentum: Union[float, Mapping[str, float]] = DEEPKD_MOMENTUM,
+                 weight_decay: float = 5e-4, weight_decay_stream: str = "target",
                  merge_equal: bool = True):
-        momentum = {DEFAULT_STREAM: float(momentum)} if isinstance(momentum, (int, float)) else dict(momentum)
+        if isinstance(momentum, (int, float)):
+            # One stream: it carries the decay, so a float gives plain SGD whatever the stream name.
+            momentum, weight_decay_stream = {DEFAULT_STREAM: float(momentum)}, DEFAULT_STREAM
+        momentum = dict(momentum)
         if not momentum:
             raise ValueError("momentum needs at least one stream: {stream name: coefficient}")
         for name, value in momentum.items():
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"momentum of stream {name!r} must lie in [0, 1), got {value}")
-        stream = weight_decay_stream or ("target" if "target" in momentum else next(iter(momentum)))
+        stream = weight_decay_stream
         if stream not in momentum:
             raise ValueError(f"weight_decay_stream {stream!r} is not one of the streams {sorted(momentum)}")
         if lr <= 0 or weight_decay < 0:
@@ -151,28 +158,49 @@ class DecoupledMomentumSGD(Optimizer):
             index += count
 
     def _update_group(self, group: dict, grads: Dict[str, List[Optional[torch.Tensor]]]) -> None:
-        momentum, decay = group["stream_momentum"], group["weight_decay"]
-        layout = _merge(momentum, group["merge_equal"])
+        layout = _merge(group["stream_momentum"], group["merge_equal"])
+        dense = all(g is not None for key in layout for g in grads[key])
+        warm = all(f"momentum_buffer:{key}" in self.state[p] for key in layout for p in group["params"])
+        if dense and warm and group["params"]:
+            self._update_foreach(group, layout, grads)
+            return
         for i, param in enumerate(group["params"]):
-            if all(grads[key][i] is None for key in layout):
-                continue
-            state = self.state[param]
-            total = None
-            for key, streams in layout.items():
-                grad = grads[key][i]
-                if decay != 0 and group["weight_decay_stream"] in streams:
-                    grad = param * decay if grad is None else grad.add(param, alpha=decay)
-                name = f"momentum_buffer:{key}"
-                buffer = state.get(name)
-                if grad is not None:
-                    if buffer is None:
-                        buffer = state[name] = torch.clone(grad).detach()
-                    else:
-                        buffer.mul_(momentum[streams[0]]).add_(grad)
-                if buffer is not None:
-                    total = buffer if total is None else total + buffer
-            if total is not None:
-                param.add_(total, alpha=-group["lr"])
+            self._update_one(group, layout, param, {key: grads[key][i] for key in layout})
+
+    def _update_one(self, group: dict, layout, param: torch.Tensor, grads: Dict[str, Optional[torch.Tensor]]) -> None:
+        """Per-parameter update (first steps, missing gradients): the equations literally."""
+        if all(g is None for g in grads.values()):
+            return
+        momentum, decay, state, total = group["stream_momentum"], group["weight_decay"], self.state[param], None
+        for key, streams in layout.items():
+            grad = grads[key]
+            if decay != 0 and group["weight_decay_stream"] in streams:
+                grad = param * decay if grad is None else grad.add(param, alpha=decay)
+            name = f"momentum_buffer:{key}"
+            buffer = state.get(name)
+            if grad is not None:
+                if buffer is None:
+                    buffer = state[name] = torch.clone(grad).detach()
+                else:
+                    buffer.mul_(momentum[streams[0]]).add_(grad)
+            if buffer is not None:
+                total = buffer if total is None else total + buffer
+        if total is not None:
+            param.add_(total, alpha=-group["lr"])
+
+    def _update_foreach(self, group: dict, layout, grads: Dict[str, List[torch.Tensor]]) -> None:
+        """The same arithmetic as :meth:`_update_one`, one fused multi-tensor op per stage (fewer
+        kernel launches on a GPU; identical results element by element)."""
+        params, total = group["params"], None
+        for key, streams in layout.items():
+            stream_grads = grads[key]
+            if group["weight_decay"] != 0 and group["weight_decay_stream"] in streams:
+                stream_grads = torch._foreach_add(stream_grads, params, alpha=group["weight_decay"])
+            buffers = [self.state[p][f"momentum_buffer:{key}"] for p in params]
+            torch._foreach_mul_(buffers, group["stream_momentum"][streams[0]])
+            torch._foreach_add_(buffers, stream_grads)
+            total = buffers if total is None else torch._foreach_add(total, buffers)
+        torch._foreach_add_(params, total, alpha=-group["lr"])
 
 
 def _sum_present(parts: List[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:

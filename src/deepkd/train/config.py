@@ -109,6 +109,7 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16"] = "fp32"
     channels_last: bool = False
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     gsnr_every: int = Field(0, ge=0)
     gsnr_samples: int = Field(32, gt=1)
     log_every: int = Field(50, gt=0)
