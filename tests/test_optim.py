@@ -114,11 +114,24 @@ def test_bad_arguments():
     model = tiny_model()
     with pytest.raises(ValueError, match="weight_decay_stream"):
         DecoupledMomentumSGD(model.parameters(), lr=0.1, momentum={"task": .9}, weight_decay_stream="target")
+    with pytest.raises(ValueError, match="weight_decay_stream"):  # the default stream is "target"
+        DecoupledMomentumSGD(model.parameters(), lr=0.1, momentum={"task": .9, "non_target": .5})
+
     opt = DecoupledMomentumSGD(model.parameters(), lr=0.1, momentum={"task": .9, "target": .8})
     with pytest.raises(KeyError, match="streams"):
         opt.step({"other": [None] * 6})
     with pytest.raises(ValueError, match="parameters"):
         opt.step({"task": [None]})
+
+
+def test_defaults_are_deepkd():
+    opt = DecoupledMomentumSGD(tiny_model().parameters(), lr=0.1)
+    assert opt.merged_streams() == {"task+target": ("task", "target"), "non_target": ("non_target",)}
+    group = opt.param_groups[0]
+    assert (group["weight_decay"], group["weight_decay_stream"]) == (5e-4, "target")
+    single = DecoupledMomentumSGD(tiny_model().parameters(), lr=0.1, momentum=0.9)
+    assert single.merged_streams() == {"default": ("default",)}
+    assert single.param_groups[0]["weight_decay_stream"] == "default"
 
 
 MODELS = [name for name in ("resnet8x4", "cnn_w8") if name in list_models()]
