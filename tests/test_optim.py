@@ -116,7 +116,6 @@ def test_bad_arguments():
         DecoupledMomentumSGD(model.parameters(), lr=0.1, momentum={"task": .9}, weight_decay_stream="target")
     with pytest.raises(ValueError, match="weight_decay_stream"):  # the default stream is "target"
         DecoupledMomentumSGD(model.parameters(), lr=0.1, momentum={"task": .9, "non_target": .5})
-
     opt = DecoupledMomentumSGD(model.parameters(), lr=0.1, momentum={"task": .9, "target": .8})
     with pytest.raises(KeyError, match="streams"):
         opt.step({"other": [None] * 6})
