@@ -4,8 +4,8 @@ import collections
 import pytest
 import torch
 
-from deepkd.models import (count_parameters, create_model, list_models, load_weights, model_info,
-                           save_weights)
+from deepkd.models import (count_parameters, create_model, format_model_table, list_models, load_weights,
+                           model_info, save_weights)
 
 # Trainable parameters in millions (spec/RECIPES.md section 3), 100 classes (CIFAR) / 1000 (ImageNet).
 PUBLISHED = {
@@ -14,6 +14,38 @@ PUBLISHED = {
     "wrn_16_2": 0.703, "wrn_40_1": 0.570, "wrn_40_2": 2.256, "vgg8": 3.965, "vgg13": 9.462,
     "MobileNetV2": 0.813, "ShuffleV1": 0.949, "ShuffleV2": 1.356, "ResNet18": 11.22, "ResNet50": 23.71,
     "resnet18": 11.69, "resnet34": 21.80, "resnet50": 25.56, "mobilenetv1": 4.23,
+}
+# torchvision's documented exact counts (its model builders' "num_params"), which its weights imply.
+TORCHVISION_EXACT = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
+                     "mobilenetv2_imagenet": 3_504_872}
+# Reference state_dict entries (module path -> shape) that the community / torchvision weights hold.
+REFERENCE_SHAPES = {
+    "resnet8x4": {"conv1.weight": [32, 3, 3, 3], "layer1.0.downsample.0.weight": [64, 32, 1, 1],
+                  "layer3.0.bn2.running_var": [256], "fc.weight": [100, 256]},
+    "ResNet18": {"layer2.0.shortcut.0.weight": [128, 64, 1, 1], "linear.weight": [100, 512]},
+    "ResNet50": {"layer1.0.shortcut.0.weight": [256, 64, 1, 1], "layer4.2.conv3.weight": [2048, 512, 1, 1],
+                 "linear.weight": [100, 2048]},
+    "wrn_40_2": {"block1.layer.0.convShortcut.weight": [32, 16, 1, 1], "block3.layer.5.conv2.weight": [128, 128, 3, 3],
+                 "bn1.weight": [128], "fc.weight": [100, 128]},
+    "vgg13": {"block0.0.weight": [64, 3, 3, 3], "block0.0.bias": [64], "block0.3.weight": [64, 64, 3, 3],
+              "block4.4.running_mean": [512], "classifier.weight": [100, 512]},
+    "vgg8": {"block0.1.weight": [64], "block4.0.weight": [512, 512, 3, 3]},
+    "MobileNetV2": {"conv1.0.weight": [16, 3, 3, 3], "blocks.0.0.conv.0.weight": [16, 16, 1, 1],
+                    "blocks.1.0.conv.0.weight": [48, 8, 1, 1], "blocks.6.0.conv.6.weight": [160, 480, 1, 1],
+                    "conv2.0.weight": [1280, 160, 1, 1], "classifier.0.weight": [100, 1280]},
+    "ShuffleV1": {"conv1.weight": [24, 3, 1, 1], "layer1.0.conv1.weight": [54, 24, 1, 1],
+                  "layer1.0.conv3.weight": [216, 18, 1, 1], "layer2.0.conv1.weight": [60, 80, 1, 1],
+                  "linear.weight": [100, 960]},
+    "ShuffleV2": {"conv1.weight": [24, 3, 1, 1], "layer1.0.conv1.weight": [24, 1, 3, 3],
+                  "layer1.0.conv2.weight": [58, 24, 1, 1], "layer1.1.conv1.weight": [58, 58, 1, 1],
+                  "conv2.weight": [1024, 464, 1, 1], "linear.weight": [100, 1024]},
+    "mobilenetv1": {"model.0.0.weight": [32, 3, 3, 3], "model.1.0.weight": [32, 1, 3, 3],
+                    "model.1.3.weight": [64, 32, 1, 1], "model.13.4.running_var": [1024], "fc.weight": [1000, 1024]},
+    "resnet50": {"conv1.weight": [64, 3, 7, 7], "layer1.0.downsample.0.weight": [256, 64, 1, 1],
+                 "layer2.0.conv2.weight": [128, 128, 3, 3], "fc.weight": [1000, 2048]},
+    "mobilenetv2_imagenet": {"features.0.0.weight": [32, 3, 3, 3], "features.1.conv.0.0.weight": [32, 1, 3, 3],
+                             "features.1.conv.1.weight": [16, 32, 1, 1], "features.2.conv.0.0.weight": [96, 16, 1, 1],
+                             "features.18.0.weight": [1280, 320, 1, 1], "classifier.1.weight": [1000, 1280]},
 }
 MODELS = list_models()
 
@@ -34,6 +66,32 @@ def test_parameter_counts(name):
     # NOTE: wrn_40_2 counts 2,255,156 (2.255M); the spec's 2.256 is one unit off in the last digit, so
     # the tolerance is one unit of the digit shown rather than half of one.
     assert abs(count_parameters(model) / 1e6 - PUBLISHED[name]) <= 10 ** -decimals + 1e-9
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION_EXACT))
+def test_torchvision_exact_counts(name):
+    with torch.device("meta"):
+        assert count_parameters(create_model(name)) == TORCHVISION_EXACT[name]
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_SHAPES))
+def test_reference_key_layout(name):
+    with torch.device("meta"):
+        state = create_model(name).state_dict()
+    assert {key: list(state[key].shape) for key in REFERENCE_SHAPES[name] if key in state} == REFERENCE_SHAPES[name]
+
+
+def test_model_table_and_module_entry_point(capsys):
+    from deepkd.models.__main__ import main
+
+    assert main(["resnet8*"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["resnet8", "resnet8x4"]
+    expected = count_parameters(create_model("resnet8x4", num_classes=100)) / 1e6
+    assert lines[2].split()[1:] == [f"{expected:.3f}M", "cifar", "32"]
+    assert [line.split()[1:] for line in format_model_table("resnet18").splitlines() if line.startswith("resnet18")] \
+        == [["11.690M", "imagenet", "224"]]
+    assert main(["no_such_model*"]) == 1
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -81,6 +81,7 @@ class MobileNetV2(nn.Module):
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[N, C, H, W]``: view channels as ``[groups, C / groups]``, transpose, flatten back."""
     n, c, h, w = x.shape
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
@@ -110,6 +111,11 @@ class ShuffleV1Block(nn.Module):
 
 
 class ShuffleNetV1(nn.Module):
+    """1x1 stem to 24 channels, three stages (240/480/960, 4/8/4 units, groups 3), global pool.
+
+    ``forward``: ``[B, 3, 32, 32] -> [B, num_classes]``.
+    """
+
     def __init__(self, out_planes=(240, 480, 960), counts=(4, 8, 4), groups: int = 3, num_classes: int = 100):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
@@ -182,10 +188,15 @@ class ShuffleV2Down(nn.Module):
 
 
 class ShuffleNetV2(nn.Module):
-    def __init__(self, channels=(116, 232, 464, 1024), counts=(3, 7, 3), num_classes: int = 100,
-                 stem_kernel: int = 3):
+    """1x1 stem to 24 channels, three stages (116/232/464; a stride-2 unit then 3/7/3 units), 1x1 conv
+    to 1024, global pool. ``forward``: ``[B, 3, 32, 32] -> [B, num_classes]``.
+    """
+
+    def __init__(self, channels=(116, 232, 464, 1024), counts=(3, 7, 3), num_classes: int = 100):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 24, stem_kernel, 1, stem_kernel // 2, bias=False)
+        # NOTE(paper): the reference CIFAR ShuffleNetV2 uses a 1x1 stem conv (not the paper's 3x3 stride 2
+        # plus max-pool); the community checkpoints hold conv1.weight [24, 3, 1, 1].
+        self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
         cin = 24
         for stage, (width, count) in enumerate(zip(channels[:3], counts), start=1):

@@ -54,6 +54,8 @@ class WideBlock(nn.Module):
 
 
 class NetworkBlock(nn.Module):
+    """``count`` wide blocks in ``self.layer`` (the reference path ``block{k}.layer.{i}``)."""
+
     def __init__(self, count: int, cin: int, cout: int, stride: int):
         super().__init__()
         self.layer = nn.Sequential(*[WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1)
@@ -64,6 +66,11 @@ class NetworkBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
+    """WRN-depth-widen: stem 16, stages 16k/32k/64k of ``(depth - 4) // 6`` blocks, BN-ReLU, global pool.
+
+    ``forward``: ``[B, 3, 32, 32] -> [B, num_classes]``.
+    """
+
     def __init__(self, depth: int, widen: int, num_classes: int = 100):
         super().__init__()
         channels = [16, 16 * widen, 32 * widen, 64 * widen]
@@ -107,6 +114,12 @@ def _vgg_block(widths: List[int], cin: int) -> nn.Sequential:
 
 
 class VGG(nn.Module):
+    """Five conv-BN blocks with 2x2 max-pools after the first three (and the fourth
+    on 64x64 inputs), global average pool, one Linear.
+
+    ``forward``: ``[B, 3, 32, 32] -> [B, num_classes]``.
+    """
+
     def __init__(self, config: List[List[int]], num_classes: int = 100):
         super().__init__()
         cin = 3

@@ -17,6 +17,8 @@ from deepkd.models.registry import register_model
 
 
 class TVBasicBlock(nn.Module):
+    """torchvision BasicBlock: conv3x3-BN-ReLU-conv3x3-BN + identity or ``downsample``, ReLU."""
+
     expansion = 1
 
     def __init__(self, cin: int, planes: int, stride: int = 1):
@@ -35,6 +37,8 @@ class TVBasicBlock(nn.Module):
 
 
 class TVBottleneck(nn.Module):
+    """torchvision Bottleneck (v1.5): 1x1-3x3(stride)-1x1, expansion 4, ``downsample`` shortcut."""
+
     expansion = 4
 
     def __init__(self, cin: int, planes: int, stride: int = 1):
@@ -62,6 +66,11 @@ def _downsample(cin: int, cout: int, stride: int):
 
 
 class ImageNetResNet(nn.Module):
+    """torchvision ResNet: 7x7/2 stem, 3x3/2 max-pool, four stages, adaptive pool, ``fc``.
+
+    ``forward``: ``[B, 3, H, W] -> [B, num_classes]`` for any ``H, W >= 32``.
+    """
+
     def __init__(self, block, counts: List[int], num_classes: int = 1000):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
@@ -125,6 +134,8 @@ class MobileNetV1(nn.Module):
 
 
 class TVInvertedResidual(nn.Module):
+    """torchvision inverted residual: [1x1 expand-BN-ReLU6] - dw 3x3-BN-ReLU6 - 1x1-BN (+ x)."""
+
     def __init__(self, cin: int, cout: int, stride: int, expansion: int):
         super().__init__()
         hidden = cin * expansion
@@ -141,6 +152,11 @@ class TVInvertedResidual(nn.Module):
 
 
 class MobileNetV2ImageNet(nn.Module):
+    """torchvision MobileNetV2 (width 1.0): ``features.{0..18}``, pool, dropout 0.2, ``classifier.1``.
+
+    ``forward``: ``[B, 3, H, W] -> [B, num_classes]``.
+    """
+
     def __init__(self, num_classes: int = 1000):
         super().__init__()
         settings = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),

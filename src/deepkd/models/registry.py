@@ -1,7 +1,7 @@
 """The model registry: ``create_model(name, num_classes)`` and ``list_models(pattern)``."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from torch import nn
 
@@ -37,17 +37,26 @@ def model_info(name: str) -> dict:
     return MODELS.info(name)
 
 
-def format_model_table(pattern: Optional[str] = None) -> str:
-    """Name, trainable parameters (millions; 100 classes for CIFAR models, 1000 for ImageNet) and
-    input size of every registered model matching ``pattern``."""
-    import torch
+_PARAMETER_COUNTS: Dict[str, int] = {}
 
-    rows = ["name                      params  input"]
+
+def _published_parameter_count(name: str) -> int:
+    """Trainable parameters at the model's default class count, built once on the meta device."""
+    if name not in _PARAMETER_COUNTS:
+        import torch
+
+        with torch.device("meta"):  # no memory, no initialisation cost
+            model = create_model(name)
+        _PARAMETER_COUNTS[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return _PARAMETER_COUNTS[name]
+
+
+def format_model_table(pattern: Optional[str] = None) -> str:
+    """Name, trainable parameters (millions; 100 classes for CIFAR models, 1000 for ImageNet), dataset
+    and input size of every registered model matching ``pattern``. Counts are cached per process."""
+    rows = [f"{'name':<22} {'params':>8}  {'dataset':<9} input"]
     for name in list_models(pattern):
         info = MODELS.info(name)
-        classes = 1000 if info.get("dataset") == "imagenet" else 100
-        with torch.device("meta"):  # no memory, no initialisation cost
-            model = create_model(name, num_classes=classes)
-        count = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        rows.append(f"{name:<24} {count / 1e6:6.3f}M  {info.get('input_size', 32)}")
+        count = _published_parameter_count(name)
+        rows.append(f"{name:<22} {count / 1e6:7.3f}M  {info.get('dataset', 'cifar'):<9} {info.get('input_size', 32)}")
     return "\n".join(rows)
