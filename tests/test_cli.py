@@ -93,7 +93,7 @@ def test_two_process_ddp_equals_one_process(tmp_path, method, optimizer):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                f"--master_port={_free_port()}", "-m", "deepkd.cli", "train", str(double)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     a = load_checkpoint(tmp_path / "runs" / "single" / "seed1" / "last.pt")
     b = load_checkpoint(tmp_path / "runs" / "double" / "seed1" / "last.pt")
