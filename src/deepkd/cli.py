@@ -54,7 +54,8 @@ def cmd_train(args) -> int:
     else:
         cfg = load_config(args.recipe, args.overrides)
         summary = train(cfg, resume=args.resume)
-    print(json.dumps(summary))
+    if int(os.environ.get("RANK", "0")) == 0:  # other ranks' summaries are not the run's files
+        print(json.dumps(summary))
     return 0
 
 
@@ -128,5 +129,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """Console entry point. A torchrun worker leaves with ``os._exit`` once its process group is
+    destroyed: interpreter finalisation can otherwise meet gloo's C++ threads and abort the worker
+    ("terminate called without an active exception") after a successful run."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

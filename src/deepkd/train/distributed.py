@@ -46,7 +46,10 @@ def init_distributed(device_kind: str) -> Dist:
 
 
 def shutdown_distributed(ctx: Dist) -> None:
+    """Leave the process group together: a rank that tears gloo down while another still writes
+    its files can abort ("terminate called without an active exception")."""
     if ctx.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
