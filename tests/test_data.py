@@ -168,3 +168,20 @@ def test_synthetic_set_is_deterministic_and_structured():
     assert distance[same & off_diagonal].mean() < 0.6 * distance[~same].mean()
     test_images, _ = synthetic.generate(300, seed=4, split="test")
     assert not torch.equal(test_images, a_images)
+
+
+@pytest.mark.parametrize("class_scale", [0.3, 1.0])
+def test_synthetic_class_scale_sets_within_superclass_similarity(class_scale):
+    templates = synthetic.class_templates(2, class_scale).flatten(1)
+    distance = torch.cdist(templates, templates)
+    superclass = torch.arange(100) // 5
+    same = (superclass[:, None] == superclass[None, :]) & ~torch.eye(100, dtype=torch.bool)
+    ratio = distance[same].mean() / distance[~same].mean()
+    # The class fields are independent of the superclass fields, so within-superclass distances
+    # scale with class_scale while between-superclass distances stay dominated by the superclass.
+    reference = synthetic.class_templates(2, 0.6).flatten(1)
+    reference_distance = torch.cdist(reference, reference)
+    reference_ratio = reference_distance[same].mean() / reference_distance[~same].mean()
+    assert (ratio < reference_ratio) == (class_scale < 0.6)
+    images, _ = synthetic.generate(50, seed=2, class_scale=class_scale)
+    assert images.dtype == torch.uint8 and images.shape == (50, 3, 32, 32)

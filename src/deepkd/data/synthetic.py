@@ -44,14 +44,15 @@ def _shift(images: torch.Tensor, generator: torch.Generator, max_shift: int) -> 
 
 
 def generate(count: int, *, seed: int = 0, split: str = "train", noise: float = 1.5,
-             template_seed: int | None = None) -> Tuple[torch.Tensor, torch.Tensor]:
+             template_seed: int | None = None, class_scale: float = 0.6) -> Tuple[torch.Tensor, torch.Tensor]:
     """``count`` images ``uint8 [N, 3, 32, 32]`` and labels ``int64 [N]`` (balanced classes).
 
     ``split`` selects an independent sample stream ("train", "test") over the same templates.
     ``noise``: standard deviation of the per-pixel noise relative to the template's (~1); larger is
-    harder.
+    harder. ``class_scale``: size of each class's own template relative to its superclass's; smaller
+    makes the classes of a superclass more alike (harder, and more for a teacher to teach).
     """
-    templates = class_templates(seed if template_seed is None else template_seed)
+    templates = class_templates(seed if template_seed is None else template_seed, class_scale)
     offset = {"train": 1, "test": 2}.get(split)
     if offset is None:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
