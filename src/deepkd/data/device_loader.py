@@ -57,9 +57,11 @@ class DeviceLoader:
 
     @property
     def num_samples(self) -> int:
+        """N, the number of samples in the whole set (all ranks together)."""
         return len(self.labels)
 
     def __len__(self) -> int:
+        """Batches per epoch: ``ceil(N / batch_size)``, or ``floor`` with ``drop_last``."""
         full, rest = divmod(self.num_samples, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
@@ -107,6 +109,10 @@ class DeviceLoader:
         return tuple(self._shard(t.to(self.device)) for t in (chosen, dy, dx, flips))
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """Batches ``start_batch ..`` of ``epoch``: (float32 ``[b, 3, H, W]``, int64 ``[b]``) on the device.
+
+        ``b`` is this rank's slice of the global batch; batch ``i`` depends only on (seed, epoch, i).
+        """
         for index in range(start_batch, len(self)):
             chosen, dy, dx, flips = self.batch_views(epoch, index)  # this rank's slice only
             images = self.images[chosen]
@@ -115,4 +121,5 @@ class DeviceLoader:
             yield self.normalize(images), self.labels[chosen]
 
     def __iter__(self):
+        """Epoch 0 from its first batch (for ad-hoc use; the trainer calls ``iter_epoch``)."""
         return self.iter_epoch(0)
