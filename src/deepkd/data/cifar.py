@@ -27,6 +27,7 @@ def default_root() -> Path:
 
 
 def md5sum(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex MD5 digest of a file, read in ``chunk``-byte blocks (archives are ~170 MB)."""
     digest = hashlib.md5()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(chunk), b""):

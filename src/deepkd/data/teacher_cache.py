@@ -31,6 +31,7 @@ class TeacherLogitCache:
 
     @property
     def num_views(self) -> int:
+        """Views per image: ``(2 * pad + 1) ** 2 * 2`` (crop offsets x flip)."""
         return self.logits.shape[1]
 
     @classmethod
@@ -64,10 +65,12 @@ class TeacherLogitCache:
         return self.logits[indices.to(self.logits.device), views].float()
 
     def save(self, path: str | Path) -> None:
+        """Write the logits (on the CPU) and the padding to ``path`` with ``torch.save``."""
         torch.save({"logits": self.logits.cpu(), "pad": self.pad}, path)
 
     @classmethod
     def load(cls, path: str | Path, device="cpu") -> "TeacherLogitCache":
+        """Read a cache written by ``save`` onto ``device``."""
         data = torch.load(path, map_location=device, weights_only=True)
         return cls(data["logits"], int(data["pad"]))
 
