@@ -48,6 +48,15 @@ REFERENCE_SHAPES = {
                              "features.18.0.weight": [1280, 320, 1, 1], "classifier.1.weight": [1000, 1280]},
 }
 MODELS = list_models()
+# The deepest and largest models run their per-model forward checks only under -m slow (each costs
+# seconds on 2 CPU cores); every family keeps a default-run member, and counts/layouts cover them all.
+SLOW_FORWARD = {"resnet110", "resnet34", "resnet50", "ResNet50"}
+SLOW_BF16 = SLOW_FORWARD | {"resnet44", "resnet56", "resnet32x4", "vgg16", "vgg19", "mobilenetv2_imagenet"}
+
+
+def registry_params(slow):
+    """Every registered model name as a test parameter; those in ``slow`` are marked slow."""
+    return [pytest.param(name, marks=pytest.mark.slow) if name in slow else name for name in MODELS]
 
 
 def classes_of(name):
@@ -56,6 +65,7 @@ def classes_of(name):
 
 def test_every_published_model_is_registered():
     assert set(PUBLISHED) <= set(MODELS)
+    assert SLOW_BF16 <= set(MODELS)  # a renamed model must not silently drop out of the slow set
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -94,7 +104,7 @@ def test_model_table_and_module_entry_point(capsys):
     assert main(["no_such_model*"]) == 1
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", registry_params(SLOW_FORWARD))
 def test_forward_backward_features(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=10)
@@ -108,7 +118,7 @@ def test_forward_backward_features(name):
     assert feats["pooled"].dim() == 2 and feats["pooled"].shape[0] == 2
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", registry_params(SLOW_BF16))
 def test_channels_last_and_bf16(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=10).eval()
