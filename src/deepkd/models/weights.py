@@ -4,22 +4,43 @@
 ``{"model": state_dict}`` (``<name>_vanilla/ckpt_epoch_240.pth``), torchvision ImageNet
 state_dicts, deepkd's own run checkpoints (``{"format": "deepkd", "model": ..., ...}``), a
 ``module.`` prefix left by DistributedDataParallel, and ``.safetensors`` files. Files are read
-with ``torch.load(..., weights_only=True)``: a checkpoint that needs arbitrary code to unpickle is
-refused.
+with ``torch.load(..., weights_only=True)``, allowing only the plain data that the community's
+training scripts pickle next to the weights (``argparse.Namespace``, numpy scalars): a checkpoint that
+needs arbitrary code to unpickle is refused.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import pickle
 from pathlib import Path
-from typing import Dict, List, Mapping, Union
+from typing import Dict, List, Mapping, Optional, Union
 
+import numpy as np
 import torch
 from torch import nn
 
 StateDict = Dict[str, torch.Tensor]
 
 
-def _read(path: Path) -> object:
+def community_checkpoint_globals():
+    """A context in which ``torch.load(..., weights_only=True)`` also rebuilds what training scripts
+    pickle next to the weights: ``argparse.Namespace`` (the run's options) and numpy scalars (an
+    accuracy). Both rebuild plain data; no other code can run."""
+    if not hasattr(torch.serialization, "safe_globals"):  # torch < 2.5: plain weights_only loading
+        return contextlib.nullcontext()
+    scalar = np.float64(0).__reduce__()[0]
+    dtypes = [getattr(getattr(np, "dtypes", None), n, None)  # numpy >= 1.25 has one class per dtype
+              for n in ("Float64DType", "Float32DType", "Int64DType", "Int32DType")]
+    dtypes = [d for d in dtypes if d is not None]
+    # numpy 1.x (which wrote the 2019 files) names the scalar builder numpy.core, numpy 2 numpy._core
+    return torch.serialization.safe_globals([argparse.Namespace, np.dtype, *dtypes,
+                                             (scalar, "numpy.core.multiarray.scalar"),
+                                             (scalar, "numpy._core.multiarray.scalar")])
+
+
+def read_weights(path: Path) -> object:
+    """The loaded object of a weights file (``.safetensors`` or a ``weights_only`` torch pickle)."""
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
@@ -30,7 +51,8 @@ def _read(path: Path) -> object:
         except Exception as err:  # safetensors raises its own error types
             raise ValueError(f"{str(path)!r} is not a readable .safetensors file ({err})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with community_checkpoint_globals():
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(f"{str(path)!r} needs arbitrary code to load (pickled objects, not only tensors); "
                          f"deepkd loads weights with weights_only=True and refuses it ({str(err).splitlines()[0][:160]})") from None
@@ -68,10 +90,11 @@ def _mismatch(model: nn.Module, state: StateDict, source: str) -> List[str]:
     return problems
 
 
-def load_weights(model: nn.Module, source: Union[str, Path, Mapping], *, strict: bool = True) -> nn.Module:
-    """Load weights into ``model`` strictly; a mismatch names the file, keys and shapes."""
-    name = str(source) if isinstance(source, (str, Path)) else "state_dict"
-    obj = _read(Path(source)) if isinstance(source, (str, Path)) else source
+def load_weights(model: nn.Module, source: Union[str, Path, Mapping], *, strict: bool = True,
+                 name: Optional[str] = None) -> nn.Module:
+    """Load weights into ``model`` strictly; a mismatch names the file (or ``name``), keys and shapes."""
+    name = name or (str(source) if isinstance(source, (str, Path)) else "state_dict")
+    obj = read_weights(Path(source)) if isinstance(source, (str, Path)) else source
     state = extract_state_dict(obj, name)
     adapt = getattr(model, "adapt_state_dict", None)
     if adapt is not None:
