@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("recipe", help="recipe whose data and student sections are used")
     evaluate.add_argument("weights", help="checkpoint to evaluate (deepkd, community or .safetensors)")
     evaluate.add_argument("overrides", nargs="*")
+    download = sub.add_parser("download", help="download and verify files into deepkd's cache")
+    download.add_argument("what", choices=["teachers"], help="teachers: mdistiller's CIFAR-100 cifar_teachers.tar")
+    download.add_argument("--root", default=None, help="cache folder (default: $DEEPKD_DATA or ~/.cache/deepkd)")
+    download.add_argument("--file", default=None, help="a local cifar_teachers.tar, used instead of downloading")
     return parser
 
 
@@ -105,8 +109,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_download(args) -> int:
+    from deepkd.models.teachers import download_teachers, format_teachers
+
+    print(format_teachers(download_teachers(args.root, file=args.file)))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "list": cmd_list, "eval": cmd_eval, "plot": cmd_plot,
-            "summary": cmd_summary, "demo": cmd_demo}
+            "summary": cmd_summary, "demo": cmd_demo, "download": cmd_download}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
