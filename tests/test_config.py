@@ -72,7 +72,7 @@ def test_recipes_cover_every_pair():
 def test_every_recipe_builds(path):
     cfg = load_config(recipes_dir().parent / path)
     assert path.read_text().startswith("# ") and "expected top-1" in path.read_text()
-    num_classes = 1000 if cfg.data.dataset == "imagenet" else 100
+    num_classes = {"imagenet": 1000, "cifar10": 10, "tinyimagenet": 200}.get(cfg.data.dataset, 100)
     method = build.build_method(cfg.method, cfg.schedule)
     with torch.device("meta"):
         student = build.create_model(cfg.student.name, num_classes=num_classes)

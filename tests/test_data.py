@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from deepkd.data import DeviceLoader, build_data, cifar, synthetic
-from deepkd.data.imagefolder import random_resized_crop_box
 
 
 def loader(count=200, batch=32, **kwargs):
@@ -115,22 +114,8 @@ def test_cifar_build_data(tmp_path):
     torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-5)
 
 
-def write_jpeg_tree(root, classes=3, per_class=4):
-    from PIL import Image
-
-    rng = np.random.default_rng(1)
-    for split in ("train", "val"):
-        for c in range(classes):
-            folder = root / split / f"class_{c}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                size = (int(rng.integers(40, 90)), int(rng.integers(40, 90)))
-                pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
-
-
-def test_imagefolder_tree(tmp_path):
-    write_jpeg_tree(tmp_path)
+def test_imagefolder_tree(tmp_path, jpeg_tree):
+    jpeg_tree(tmp_path)
     data = build_data("imagefolder", root=str(tmp_path), batch_size=5, eval_batch_size=4, num_workers=0)
     assert data.num_classes == 3 and len(data.train) == 3 and len(data.test) == 3
     batches = list(data.train.iter_epoch(1))
@@ -143,15 +128,6 @@ def test_imagefolder_tree(tmp_path):
               for r in range(2)]
     counts = [sum(len(y) for _, y in s.test.iter_epoch(0)) for s in shards]
     assert sum(counts) == 12
-
-
-def test_random_resized_crop_box_rule():
-    rng = random.Random(0)
-    for _ in range(200):
-        left, top, w, h = random_resized_crop_box(120, 80, rng)
-        assert 0 <= left <= 120 - w and 0 <= top <= 80 - h
-        assert 0.08 * 9600 * 0.9 <= w * h <= 9600 and 3 / 4 * 0.8 <= w / h <= 4 / 3 * 1.25
-    assert random_resized_crop_box(1000, 10, random.Random(0)) == (493, 0, 13, 10)  # fallback: centre crop
 
 
 def test_synthetic_set_is_deterministic_and_structured():

@@ -1,15 +1,15 @@
-"""Data: CIFAR-100, ImageFolder trees (ImageNet), the offline synthetic set, device-resident loaders."""
+"""Data: CIFAR-10/100, Tiny-ImageNet, image folders (ImageNet, a user's own), the synthetic set."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Union
 
-import torch
 
 from deepkd.data import cifar, synthetic
 from deepkd.data.device_loader import DeviceLoader
 
-__all__ = ["DataBundle", "DeviceLoader", "build_data"]
+__all__ = ["DataBundle", "DeviceLoader", "FolderOptions", "build_data"]
 
 
 @dataclass
@@ -22,23 +22,55 @@ class DataBundle:
     input_size: int
     mean: Sequence[float]
     std: Sequence[float]
+    classes: List[str] = field(default_factory=list)
+
+    def facts(self) -> dict:
+        """What a user of the trained model needs (``data.json`` of a run): class names in label
+        order, input size, the normalisation actually used (``mean: auto`` resolved)."""
+        return {"num_classes": self.num_classes, "classes": list(self.classes), "input_size": self.input_size,
+                "mean": [float(m) for m in self.mean], "std": [float(s) for s in self.std]}
+
+
+@dataclass
+class FolderOptions:
+    """How an image-folder dataset is read and augmented (``data.*`` keys of a recipe).
+
+    ``mean="auto"``: measure the training split's channel mean and std once (cached).
+    ``resize``: shorter side before the evaluation centre crop (default ``image_size / 0.875``).
+    ``in_memory``: ``"auto"`` decodes the set once into the device-resident loader when it uses
+    ``crop="pad_crop"`` and its uint8 pixels fit 4 GiB; large sets stream through DataLoader workers.
+    """
+
+    train_folder: str = "train"
+    val_folder: str = "val"
+    image_size: int = 224
+    resize: Optional[int] = None
+    crop: str = "random_resized"
+    pad: int = 4
+    interpolation: str = "bilinear"
+    mean: Union[str, Sequence[float]] = (0.485, 0.456, 0.406)
+    std: Optional[Sequence[float]] = (0.229, 0.224, 0.225)
+    in_memory: str = "auto"
 
 
 def _device_bundle(train, test, num_classes, mean, std, *, batch_size, eval_batch_size, device, seed,
-                   drop_last, rank, world_size) -> DataBundle:
+                   drop_last, rank, world_size, flip=True, classes=(), **augment) -> DataBundle:
     common = dict(mean=mean, std=std, device=device, rank=rank, world_size=world_size)
-    train_loader = DeviceLoader(*train, batch_size=batch_size, train=True, seed=seed, drop_last=drop_last, **common)
+    train_loader = DeviceLoader(*train, batch_size=batch_size, train=True, seed=seed, drop_last=drop_last,
+                                flip=flip, **augment, **common)
     test_loader = DeviceLoader(*test, batch_size=eval_batch_size, train=False, seed=seed, **common)
-    return DataBundle(train_loader, test_loader, num_classes, train[0].shape[-1], mean, std)
+    return DataBundle(train_loader, test_loader, num_classes, train[0].shape[-1], mean, std, list(classes))
 
 
 def build_data(dataset: str, *, root: Optional[str] = None, batch_size: int = 64, eval_batch_size: Optional[int] = None,
                device="cpu", seed: int = 0, download: bool = True, num_workers: int = 2, rank: int = 0,
-               world_size: int = 1, drop_last: bool = False, synthetic_train: int = 10000,
-               synthetic_test: int = 2000, synthetic_seed: int = 0, synthetic_noise: float = 1.5) -> DataBundle:
-    """Loaders for ``cifar100``, ``synthetic`` or ``imagenet``/``imagefolder`` (``root/train``, ``root/val``)."""
+               world_size: int = 1, drop_last: bool = False, flip: bool = True,
+               folder: Optional[FolderOptions] = None, synthetic_train: int = 10000, synthetic_test: int = 2000,
+               synthetic_seed: int = 0, synthetic_noise: float = 1.5) -> DataBundle:
+    """Loaders for ``cifar100``, ``cifar10``, ``tinyimagenet``, ``synthetic``, or ``imagenet`` /
+    ``imagefolder`` (``root/<train_folder>``, ``root/<val_folder>``, read as ``folder`` says)."""
     options = dict(batch_size=batch_size, eval_batch_size=eval_batch_size or batch_size, device=device, seed=seed,
-                   drop_last=drop_last, rank=rank, world_size=world_size)
+                   drop_last=drop_last, rank=rank, world_size=world_size, flip=flip)
     if dataset == "synthetic":
         train = synthetic.generate(synthetic_train, seed=synthetic_seed, split="train", noise=synthetic_noise)
         test = synthetic.generate(synthetic_test, seed=synthetic_seed, split="test", noise=synthetic_noise)
@@ -46,12 +78,62 @@ def build_data(dataset: str, *, root: Optional[str] = None, batch_size: int = 64
         mean = pixels.mean(dim=(0, 2, 3)).tolist()
         std = pixels.std(dim=(0, 2, 3)).tolist()
         return _device_bundle(train, test, synthetic.NUM_CLASSES, mean, std, **options)
-    if dataset == "cifar100":
-        folder = cifar.prepare(root, download=download)
-        train, test = cifar.read_split(folder, "train"), cifar.read_split(folder, "test")
-        return _device_bundle(train, test, 100, cifar.MEAN, cifar.STD, **options)
-    if dataset in ("imagenet", "imagefolder"):
-        from deepkd.data.imagefolder import build_imagefolder
+    if dataset in ("cifar10", "cifar100"):
+        train, test, num_classes, mean, std = cifar.load(dataset, root, download=download)
+        return _device_bundle(train, test, num_classes, mean, std, **options)
+    if dataset == "tinyimagenet":
+        from deepkd.data import tinyimagenet
 
-        return build_imagefolder(root, num_workers=num_workers, **options)
-    raise ValueError(f"unknown dataset {dataset!r}: choose cifar100, synthetic, imagenet or imagefolder")
+        train, test, num_classes, mean, std = tinyimagenet.load(root, download=download)
+        return _device_bundle(train, test, num_classes, mean, std, pad=tinyimagenet.AUGMENT["pad"],
+                              rotation=tinyimagenet.AUGMENT["rotation"], **options)
+    if dataset in ("imagenet", "imagefolder"):
+        return _build_folder(root, folder or FolderOptions(), num_workers=num_workers, **options)
+    raise ValueError(f"unknown dataset {dataset!r}: choose cifar100, cifar10, tinyimagenet, synthetic, imagenet "
+                     "or imagefolder")
+
+
+def _fits_in_memory(opts: FolderOptions, count: int) -> bool:
+    from deepkd.data.imagefolder import IN_MEMORY_BYTES
+
+    if opts.in_memory == "off":
+        return False
+    if opts.crop != "pad_crop":
+        if opts.in_memory == "on":
+            raise ValueError("data.in_memory: on needs data.crop: pad_crop (random_resized crops stream from "
+                             "the files)")
+        return False
+    return opts.in_memory == "on" or count * 3 * opts.image_size ** 2 <= IN_MEMORY_BYTES
+
+
+def _build_folder(root, opts: FolderOptions, *, num_workers: int, flip: bool, **options) -> DataBundle:
+    from deepkd.data import imagefolder as folders
+
+    if root is None:
+        raise FileNotFoundError("data.root is not set: point it at a folder holding "
+                                f"{opts.train_folder}/ and {opts.val_folder}/ class folders")
+    root = Path(root)
+    train_samples, val_samples, classes = folders.split_samples(root, opts.train_folder, opts.val_folder)
+    resize = opts.resize or round(opts.image_size / 0.875)
+    common = dict(image_size=opts.image_size, interpolation=opts.interpolation)
+    if _fits_in_memory(opts, len(train_samples) + len(val_samples)):
+        fit = folders.build_transform(train=False, resize=opts.image_size, normalize=False, **common)
+        train = folders.decode_all(train_samples, fit, num_workers=num_workers)
+        test = folders.decode_all(val_samples, folders.build_transform(train=False, resize=resize, normalize=False,
+                                                                       **common), num_workers=num_workers)
+        mean, std = folders.channel_stats(train[0]) if opts.mean == "auto" else (opts.mean, opts.std)
+        return _device_bundle(train, test, len(classes), mean, std, flip=flip, pad=opts.pad, classes=classes,
+                              **options)
+    mean, std = opts.mean, opts.std
+    if mean == "auto":
+        mean, std = folders.measured_stats(root / opts.train_folder, train_samples, opts.image_size,
+                                           num_workers=num_workers)
+    augment = dict(resize=resize, crop=opts.crop, pad=opts.pad, flip=flip, mean=mean, std=std, **common)
+    loader = dict(seed=options["seed"], num_workers=num_workers, rank=options["rank"],
+                  world_size=options["world_size"])
+    train = folders.ImageFolderLoader(train_samples, folders.build_transform(train=True, **augment),
+                                      batch_size=options["batch_size"], train=True, drop_last=options["drop_last"],
+                                      **loader)
+    test = folders.ImageFolderLoader(val_samples, folders.build_transform(train=False, **augment),
+                                     batch_size=options["eval_batch_size"], train=False, **loader)
+    return DataBundle(train, test, len(classes), opts.image_size, mean, std, classes)

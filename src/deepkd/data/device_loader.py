@@ -6,6 +6,11 @@ processes and no per-sample Python. Batch ``i`` of epoch ``e`` is a pure functio
 ``(seed, e, i)``: the epoch's order comes from a generator seeded by ``(seed, e)``, the batch's
 augmentation from one seeded by ``(seed, e, i)``, so a run resumed at any batch sees exactly the
 batches an uninterrupted run sees.
+
+Optionally (``rotation > 0``, Tiny-ImageNet's recipe) each training image is first rotated about its
+centre by its own angle, uniform in ``[-rotation, rotation]`` degrees, nearest-neighbour with zero
+fill, like torchvision's ``RandomRotation(rotation)``; the angles are drawn from the batch's generator
+after the crop and flip draws, so the crop/flip stream is the same with or without rotation.
 """
 from __future__ import annotations
 
@@ -36,11 +41,13 @@ class DeviceLoader:
         mean, std: per-channel normalisation constants in [0, 1] pixel units.
         train: shuffle and augment; False gives a fixed order and no augmentation.
         drop_last: drop the last partial batch (the reference recipe keeps it).
+        pad, flip: crop padding in pixels (0: no crop) and random horizontal flip.
+        rotation: largest rotation angle in degrees (0: none); rotation happens before crop and flip.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, mean: Sequence[float],
                  std: Sequence[float], train: bool, device="cpu", seed: int = 0, drop_last: bool = False,
-                 pad: int = 4, flip: bool = True, rank: int = 0, world_size: int = 1):
+                 pad: int = 4, flip: bool = True, rank: int = 0, world_size: int = 1, rotation: float = 0.0):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
         if images.shape[1] != 3 and images.shape[-1] == 3:
@@ -52,6 +59,7 @@ class DeviceLoader:
         self.labels = labels.to(self.device, torch.int64)
         self.batch_size, self.train, self.seed, self.drop_last = batch_size, train, seed, drop_last
         self.pad, self.flip, self.rank, self.world_size = pad, flip, rank, world_size
+        self.rotation = float(rotation)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
 
@@ -71,12 +79,39 @@ class DeviceLoader:
             return torch.arange(self.num_samples)
         return torch.randperm(self.num_samples, generator=_generator(self.seed, epoch))
 
-    def augment_params(self, epoch: int, index: int, count: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Crop offsets ``dy, dx`` (uniform over 0..2*pad) and flip bits of batch ``index``."""
+    def _draws(self, epoch: int, index: int, count: int) -> Tuple[torch.Tensor, ...]:
         generator = _generator(self.seed, epoch, index)
         offsets = torch.randint(0, 2 * self.pad + 1, (2, count), generator=generator)
         flips = torch.rand(count, generator=generator) < 0.5 if self.flip else torch.zeros(count, dtype=torch.bool)
-        return offsets[0], offsets[1], flips
+        if not self.rotation:
+            return offsets[0], offsets[1], flips, None
+        # drawn last, so the offsets and flips above are those of the loader without rotation
+        angles = (torch.rand(count, generator=generator, dtype=torch.float64) * 2 - 1) * self.rotation
+        return offsets[0], offsets[1], flips, angles.float()
+
+    def augment_params(self, epoch: int, index: int, count: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Crop offsets ``dy, dx`` (uniform over 0..2*pad) and flip bits of batch ``index``."""
+        return self._draws(epoch, index, count)[:3]
+
+    def rotation_angles(self, epoch: int, index: int, count: int) -> torch.Tensor:
+        """float32 ``[count]`` angles in degrees (counter-clockwise) of batch ``index``; zeros without rotation."""
+        angles = self._draws(epoch, index, count)[3]
+        return angles if angles is not None else torch.zeros(count)
+
+    def rotate(self, images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        """Rotate uint8 ``[b, 3, H, W]`` images counter-clockwise about their centres by ``angles``
+        (degrees, ``[b]``), nearest neighbour, zero fill, same size: ``RandomRotation``'s defaults."""
+        count, _, height, width = images.shape
+        radians = torch.deg2rad(angles.to(self.device, torch.float32))
+        cos, sin = torch.cos(radians), torch.sin(radians)
+        zero = torch.zeros_like(cos)
+        # theta maps an output pixel to its source in normalised coordinates ([-1, 1] across each
+        # axis): the inverse rotation, with the aspect ratio folded in so non-square images rotate rigidly
+        theta = torch.stack([torch.stack([cos, -sin * height / width, zero], 1),
+                             torch.stack([sin * width / height, cos, zero], 1)], 1)
+        grid = F.affine_grid(theta, [count, 3, height, width], align_corners=False)
+        rotated = F.grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        return rotated.to(torch.uint8)  # nearest sampling returns the uint8 values exactly
 
     def augment(self, images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         """Zero-pad, crop each image at its own offset and flip it, in one gather."""
@@ -102,11 +137,17 @@ class DeviceLoader:
     def _shard(self, tensor: torch.Tensor) -> torch.Tensor:
         return torch.tensor_split(tensor, self.world_size)[self.rank] if self.world_size > 1 else tensor
 
+    def _batch(self, epoch: int, index: int) -> Tuple[torch.Tensor, ...]:
+        chosen = self._epoch_order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
+        draws = [t for t in self._draws(epoch, index, len(chosen)) if t is not None]
+        return tuple(self._shard(t.to(self.device)) for t in (chosen, *draws))
+
     def batch_views(self, epoch: int, index: int) -> Tuple[torch.Tensor, ...]:
         """This rank's sample indices and view parameters ``(indices, dy, dx, flips)`` of a batch."""
-        chosen = self._epoch_order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
-        dy, dx, flips = self.augment_params(epoch, index, len(chosen))
-        return tuple(self._shard(t.to(self.device)) for t in (chosen, dy, dx, flips))
+        if self.rotation:
+            raise ValueError(f"with rotation={self.rotation:g} a batch's views are not (dy, dx, flip) views, so the "
+                             "teacher-logit cache cannot serve them: set train.teacher_cache: false")
+        return self._batch(epoch, index)
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """Batches ``start_batch ..`` of ``epoch``: (float32 ``[b, 3, H, W]``, int64 ``[b]``) on the device.
@@ -114,8 +155,10 @@ class DeviceLoader:
         ``b`` is this rank's slice of the global batch; batch ``i`` depends only on (seed, epoch, i).
         """
         for index in range(start_batch, len(self)):
-            chosen, dy, dx, flips = self.batch_views(epoch, index)  # this rank's slice only
+            chosen, dy, dx, flips, *angles = self._batch(epoch, index)  # this rank's slice only
             images = self.images[chosen]
+            if self.train and angles:
+                images = self.rotate(images, angles[0])  # first, as RandomRotation precedes the flip
             if self.train:
                 images = self.augment(images, dy, dx, flips)
             yield self.normalize(images), self.labels[chosen]

@@ -1,106 +1,120 @@
-"""ImageNet and any ``root/{train,val}/<class>/*.jpg`` tree: PIL decoding in DataLoader workers.
+"""Image folders (ImageNet, Tiny-ImageNet-style trees, a user's own images) on torchvision.
 
-Training: RandomResizedCrop 224 (scale 0.08-1, ratio 3/4-4/3, torchvision's sampling with its
-centre-crop fallback) + horizontal flip; validation: shorter side resized to 256, centre crop 224;
-then normalisation. torchvision is not needed (its wheel does not import on every CPU build).
-Sample ``i`` of epoch ``e`` draws its crop from a generator seeded by ``(seed, e, i)``, and the
-epoch's order is a seeded permutation sharded across ranks like ``DistributedSampler``, so runs
-resume exactly at any batch.
+``root/<train_folder>/<class>/*`` and ``root/<val_folder>/<class>/*`` are scanned by
+``torchvision.datasets.ImageFolder`` (its class order and extensions), decoded by
+``torchvision.io.decode_image`` and augmented by ``torchvision.transforms.v2``:
+
+- training, ``crop="random_resized"``: RandomResizedCrop(image_size) + flip (the ImageNet recipe);
+  ``crop="pad_crop"``: resize + centre crop to image_size, RandomCrop with ``pad`` zero padding + flip
+  (the CIFAR recipe, for small images);
+- evaluation: shorter side resized to ``resize``, centre crop ``image_size``;
+- then float in [0, 1] and normalisation by ``mean``/``std``.
+
+What deepkd adds on top (torchvision's loaders do not have it): sample ``i`` of epoch ``e`` is
+augmented under a torch RNG seeded by ``(seed, e, i)`` (forked, so the caller's RNG is untouched),
+the epoch's order is a seeded permutation sharded across ranks like ``DistributedSampler``, so a
+run resumes exactly at any batch; small sets (``in_memory``) are decoded once at training
+resolution into the device-resident :class:`~deepkd.data.DeviceLoader`; ``mean="auto"`` measures
+the training split once and caches the result.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-import random
 from pathlib import Path
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+IN_MEMORY_BYTES = 4 << 30  # "auto": decode once into memory when the uint8 training set fits this
 
 
 def scan(folder: Path) -> Tuple[List[Tuple[str, int]], List[str]]:
     """``(path, class index)`` pairs and the sorted class names of one split folder."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist (expected <root>/train/<class>/*.jpg "
-                                "and <root>/val/<class>/*.jpg)")
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
-    samples = [(str(f), index) for index, name in enumerate(classes)
-               for f in sorted((folder / name).iterdir()) if f.suffix.lower() in EXTENSIONS]
-    if not samples:
-        raise FileNotFoundError(f"no images under {str(folder)!r}")
+        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist (expected one sub-folder of images "
+                                "per class)")
+    try:
+        classes, index = find_classes(str(folder))
+        samples = make_dataset(str(folder), index, extensions=IMG_EXTENSIONS)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{folder}: {err}") from None
     return samples, classes
 
 
-def random_resized_crop_box(width: int, height: int, rng: random.Random, scale=(0.08, 1.0),
-                            ratio=(3 / 4, 4 / 3)) -> Tuple[int, int, int, int]:
-    """``(left, top, w, h)`` by torchvision's rule: 10 tries of area/log-ratio, then a centre crop."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
+def _interpolation(name: str):
+    from torchvision.transforms import InterpolationMode
+
+    return InterpolationMode(name)
+
+
+def build_transform(*, train: bool, image_size: int, resize: int, crop: str = "random_resized", flip: bool = True,
+                    pad: int = 4, interpolation: str = "bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                    normalize: bool = True):
+    """The torchvision v2 pipeline ``uint8 [3, H, W] -> float32 [3, image_size, image_size]``
+    (``normalize=False``: uint8, before scaling)."""
+    from torchvision.transforms import v2
+
+    mode = _interpolation(interpolation)
+    if not train:
+        steps = [v2.Resize(resize, interpolation=mode, antialias=True), v2.CenterCrop(image_size)]
+    elif crop == "random_resized":
+        steps = [v2.RandomResizedCrop(image_size, interpolation=mode, antialias=True)]
     else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
+        steps = [v2.Resize(image_size, interpolation=mode, antialias=True), v2.CenterCrop(image_size)]
+        steps += [v2.RandomCrop(image_size, padding=pad)] if pad else []
+    if train and flip:
+        steps.append(v2.RandomHorizontalFlip())
+    if normalize:
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(steps)
 
 
-def _to_tensor(image, mean, std) -> torch.Tensor:
-    array = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
-    return (array.float() / 255.0 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+def decode(path: str) -> torch.Tensor:
+    """``uint8 [3, H, W]`` RGB pixels of an image file; an unreadable file is named in one sentence."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        return decode_image(path, mode=ImageReadMode.RGB)
+    except (RuntimeError, OSError, ValueError) as err:
+        raise ValueError(f"cannot decode image {path!r} ({str(err).splitlines()[0][:120]}): "
+                         "delete or replace the file") from None
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (((seed * 1_000_003) + epoch) * 1_000_033 + index) % (2 ** 63)
 
 
 class ImageFolderDataset(Dataset):
-    """Items are ``(seed, epoch, index)`` triples so that augmentation is a pure function of them."""
+    """Items are ``(seed, epoch, index)`` triples, so each sample's augmentation is a pure function of them."""
 
-    def __init__(self, samples, *, train: bool, size: int = 224, resize: int = 256, mean=IMAGENET_MEAN,
-                 std=IMAGENET_STD):
-        self.samples, self.train, self.size, self.resize, self.mean, self.std = samples, train, size, resize, mean, std
+    def __init__(self, samples: Sequence[Tuple[str, int]], transform):
+        self.samples, self.transform = samples, transform
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, item: Tuple[int, int, int]):
-        from PIL import Image
-
         seed, epoch, index = item
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            if self.train:
-                rng = random.Random(f"{seed}:{epoch}:{index}")
-                left, top, w, h = random_resized_crop_box(*image.size, rng)
-                image = image.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h))
-                if rng.random() < 0.5:
-                    image = image.transpose(Image.FLIP_LEFT_RIGHT)
-            else:
-                width, height = image.size
-                short = min(width, height)
-                new = (max(1, round(width * self.resize / short)), max(1, round(height * self.resize / short)))
-                image = image.resize(new, Image.BILINEAR)
-                left, top = (new[0] - self.size) // 2, (new[1] - self.size) // 2
-                image = image.crop((left, top, left + self.size, top + self.size))
-        return _to_tensor(image, self.mean, self.std), label
+        image = decode(path)
+        with torch.random.fork_rng(devices=[]):  # v2 transforms draw from the global RNG
+            torch.manual_seed(_sample_seed(seed, epoch, index))
+            return self.transform(image), label
 
 
 class ImageFolderLoader:
     """``iter_epoch(epoch, start_batch)`` over a folder; ``batch_size`` is global, split across ranks."""
 
-    def __init__(self, samples, *, batch_size: int, train: bool, seed: int = 0, num_workers: int = 2,
-                 drop_last: bool = False, rank: int = 0, world_size: int = 1, **dataset_options):
-        self.dataset = ImageFolderDataset(samples, train=train, **dataset_options)
+    def __init__(self, samples, transform, *, batch_size: int, train: bool, seed: int = 0, num_workers: int = 2,
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1):
+        self.dataset = ImageFolderDataset(samples, transform)
         self.batch_size, self.train, self.seed, self.num_workers = batch_size, train, seed, num_workers
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.local_batch = max(1, batch_size // world_size)
@@ -127,7 +141,7 @@ class ImageFolderLoader:
         return full + (1 if rest and not self.drop_last else 0)
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's batches ``start_batch ..`` of ``epoch``: CPU (float32 ``[b, 3, 224, 224]``, int64 ``[b]``)."""
+        """This rank's batches ``start_batch ..`` of ``epoch``: CPU (float32 ``[b, 3, S, S]``, int64 ``[b]``)."""
         indices = self._indices(epoch)
         batches = [indices[i:i + self.local_batch] for i in range(0, len(indices), self.local_batch)][:len(self)]
         items = [[(self.seed, epoch, index) for index in batch] for batch in batches[start_batch:]]
@@ -136,19 +150,48 @@ class ImageFolderLoader:
         yield from loader
 
 
-def build_imagefolder(root, *, batch_size: int, eval_batch_size: int, device, seed: int, drop_last: bool,
-                      rank: int, world_size: int, num_workers: int = 2):
-    """A :class:`deepkd.data.DataBundle` for ``root/train`` and ``root/val`` (any class count)."""
-    from deepkd.data import DataBundle
+def decode_all(samples, transform, *, num_workers: int, batch_size: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every image of a split through a deterministic uint8 transform: ``uint8 [N, 3, S, S]``, ``int64 [N]``."""
+    dataset = ImageFolderDataset(samples, transform)
+    batches = [[(0, 0, i) for i in range(start, min(start + batch_size, len(samples)))]
+               for start in range(0, len(samples), batch_size)]
+    parts = list(DataLoader(dataset, batch_sampler=batches, num_workers=num_workers))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).long()
 
-    if root is None:
-        raise FileNotFoundError("data.root is not set: point it at a folder holding train/ and val/ class folders")
-    root = Path(root)
-    train_samples, classes = scan(root / "train")
-    val_samples, val_classes = scan(root / "val")
+
+def channel_stats(images: torch.Tensor) -> Tuple[List[float], List[float]]:
+    """Per-channel mean and std in [0, 1] units of ``uint8 [N, 3, H, W]`` (float64 sums)."""
+    pixels = images.permute(1, 0, 2, 3).reshape(3, -1).double() / 255.0
+    mean = pixels.mean(dim=1)
+    std = (pixels.pow(2).mean(dim=1) - mean.pow(2)).clamp_min(0).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def measured_stats(folder: Path, samples, image_size: int, *, num_workers: int,
+                   cache_dir: Optional[Path] = None) -> Tuple[List[float], List[float]]:
+    """``mean: auto``: the training split's channel statistics at training resolution (resize and
+    centre crop), computed once and cached under ``cache_dir`` (default ``~/.cache/deepkd/stats``)."""
+    from deepkd.data.cifar import default_root
+
+    key = json.dumps([str(folder.resolve()), len(samples), samples[-1][0], image_size])
+    path = (cache_dir or default_root() / "stats") / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+    if path.is_file():
+        stats = json.loads(path.read_text())
+        return stats["mean"], stats["std"]
+    fit = build_transform(train=False, image_size=image_size, resize=image_size, normalize=False)
+    mean, std = channel_stats(decode_all(samples, fit, num_workers=num_workers)[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"folder": str(folder), "images": len(samples), "mean": mean, "std": std}))
+    return mean, std
+
+
+def split_samples(root: Path, train_folder: str, val_folder: str):
+    """Samples of both splits and the class names; the two splits must hold the same class folders."""
+    train_samples, classes = scan(root / train_folder)
+    val_samples, val_classes = scan(root / val_folder)
     if val_classes != classes:
-        raise ValueError(f"{root}/val has classes that differ from {root}/train ({len(val_classes)} vs {len(classes)})")
-    common = dict(seed=seed, num_workers=num_workers, rank=rank, world_size=world_size)
-    train = ImageFolderLoader(train_samples, batch_size=batch_size, train=True, drop_last=drop_last, **common)
-    test = ImageFolderLoader(val_samples, batch_size=eval_batch_size, train=False, **common)
-    return DataBundle(train, test, len(classes), 224, IMAGENET_MEAN, IMAGENET_STD)
+        only_train = sorted(set(classes) - set(val_classes))[:3]
+        only_val = sorted(set(val_classes) - set(classes))[:3]
+        raise ValueError(f"{root / val_folder} and {root / train_folder} hold different class folders "
+                         f"({len(val_classes)} vs {len(classes)}; only in train: {only_train}, only in val: {only_val})")
+    return train_samples, val_samples, classes

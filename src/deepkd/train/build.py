@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from deepkd.data import build_data
+from deepkd.data import FolderOptions, build_data
 from deepkd.losses import Method
 from deepkd.losses.registry import METHODS, build_method as _build_method
-from deepkd.models import create_model, load_weights
+from deepkd.models import create_model, load_pretrained
+from deepkd.models.ecosystem import data_config
+from deepkd.models.teachers import find_teacher, missing_teacher_message
 from deepkd.optim import DecoupledMomentumSGD, cosine_lr, step_lr
-from deepkd.train.config import DataConfig, MethodConfig, ModelConfig, OptimizerConfig, RunConfig, ScheduleConfig
+from deepkd.train.config import FOLDER_KEYS, MethodConfig, ModelConfig, OptimizerConfig, RunConfig, ScheduleConfig
 
 
 def build_device(name: str) -> torch.device:
@@ -26,42 +29,66 @@ def build_device(name: str) -> torch.device:
     return device
 
 
-def build_dataset(cfg: DataConfig, *, seed: int, device: torch.device, rank: int, world_size: int):
-    """The train/test loaders and dataset facts (``num_classes``, ``input_size``)."""
-    synthetic = cfg.synthetic
+def build_dataset(cfg: RunConfig, *, device: torch.device, rank: int, world_size: int):
+    """The train/test loaders and dataset facts (``num_classes``, ``input_size``, ``classes``)."""
+    data, synthetic = cfg.data, cfg.data.synthetic
     return build_data(
-        cfg.dataset, root=cfg.root, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
-        device=device, seed=seed, download=cfg.download, num_workers=cfg.num_workers, rank=rank,
-        world_size=world_size, drop_last=cfg.drop_last, synthetic_train=synthetic.num_train,
-        synthetic_test=synthetic.num_test, synthetic_seed=synthetic.seed, synthetic_noise=synthetic.noise)
+        data.dataset, root=data.root, batch_size=data.batch_size, eval_batch_size=data.eval_batch_size,
+        device=device, seed=cfg.seed, download=data.download, num_workers=data.num_workers, rank=rank,
+        world_size=world_size, drop_last=data.drop_last, flip=data.flip, folder=folder_options(cfg),
+        synthetic_train=synthetic.num_train, synthetic_test=synthetic.num_test, synthetic_seed=synthetic.seed,
+        synthetic_noise=synthetic.noise)
 
 
-def build_student(cfg: ModelConfig, num_classes: int) -> nn.Module:
+def folder_options(cfg: RunConfig) -> FolderOptions:
+    """Image-folder options: the recipe's keys, else the teacher's timm pretrained data config (its
+    frozen weights expect that input), else the student's, else :class:`FolderOptions` defaults."""
+    models = [m for m in (cfg.teacher, cfg.student) if m is not None]
+    pretrained = next((c for c in (data_config(m.name, m.weights) for m in models) if c), {})
+    keys = {k: getattr(cfg.data, k) for k in FOLDER_KEYS if getattr(cfg.data, k) is not None}
+    chosen = {k: pretrained[k] for k in ("image_size", "interpolation", "mean", "std") if k in pretrained}
+    if "crop_pct" in pretrained and "resize" not in keys:
+        size = keys.get("image_size", pretrained["image_size"])
+        chosen["resize"] = math.floor(size / pretrained["crop_pct"])
+    if "mean" in keys:
+        chosen.pop("std", None)
+    return FolderOptions(**{**chosen, **keys})
+
+
+def build_model(cfg: ModelConfig, num_classes: int, role: str) -> nn.Module:
+    """A model with its ``weights`` (a file, ``torchvision:<ENUM>`` or ``timm:<tag>``). A student's
+    classifier may be re-initialised for the data's class count; a teacher's must fit."""
     model = create_model(cfg.name, num_classes=num_classes)
     if cfg.weights:
-        load_weights(model, _existing(cfg.weights, "student.weights"))
+        load_pretrained(model, cfg.weights, reset_head=role == "student", role=role)
     return model
 
 
-def build_teacher(cfg: Optional[ModelConfig], method: Method, num_classes: int) -> Optional[nn.Module]:
-    """The frozen teacher in eval mode, or None for a method that needs no teacher."""
+def build_student(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    return build_model(cfg, num_classes, "student")
+
+
+def build_teacher(cfg: Optional[ModelConfig], method: Method, num_classes: int,
+                  dataset: str = "cifar100") -> Optional[nn.Module]:
+    """The frozen teacher in eval mode, or None for a method that needs no teacher. Without
+    ``teacher.weights``, a CIFAR-100 teacher comes from the community teacher cache by name."""
     if not method.needs_teacher:
         return None
-    if cfg is None or not cfg.weights:
-        raise ValueError("this method distils from a teacher: set teacher.name and teacher.weights "
-                         "(a checkpoint of a trained teacher, e.g. runs/<teacher>/seed0/best.pt)")
-    teacher = create_model(cfg.name, num_classes=num_classes)
-    load_weights(teacher, _existing(cfg.weights, "teacher.weights"))
+    if cfg is None:
+        raise ValueError("this method distils from a teacher: add a teacher section (name and weights)")
+    if not cfg.weights:
+        if dataset != "cifar100":
+            raise ValueError("teacher.weights is not set: point it at a trained teacher checkpoint, e.g. "
+                             "runs/<teacher experiment>/seed0/best.pt")
+        found = find_teacher(cfg.name)
+        if found is None:
+            raise FileNotFoundError(missing_teacher_message(cfg.name))
+        cfg = cfg.model_copy(update={"weights": str(found)})
+    teacher = build_model(cfg, num_classes, "teacher")
     teacher.eval()
     for param in teacher.parameters():
         param.requires_grad_(False)
     return teacher
-
-
-def _existing(path: str, key: str) -> str:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{key}: checkpoint {path!r} does not exist")
-    return path
 
 
 def build_method(cfg: MethodConfig, schedule: ScheduleConfig) -> Method:
@@ -103,9 +130,11 @@ def build_teacher_cache(cfg: RunConfig, teacher: nn.Module, loader, ctx):
     from deepkd.data.device_loader import DeviceLoader
     from deepkd.data.teacher_cache import TeacherLogitCache
 
-    if not isinstance(loader, DeviceLoader):
-        raise ValueError("train.teacher_cache needs the device-resident loader (cifar100 or synthetic data)")
-    digest = hashlib.sha256(Path(cfg.teacher.weights).read_bytes())
+    if not isinstance(loader, DeviceLoader) or loader.rotation:
+        raise ValueError("train.teacher_cache needs the device-resident loader with crop/flip views only (cifar10, "
+                         "cifar100, synthetic, or an in-memory image folder); set train.teacher_cache: false")
+    weights = Path(cfg.teacher.weights or find_teacher(cfg.teacher.name) or "")
+    digest = hashlib.sha256(weights.read_bytes() if weights.is_file() else str(weights).encode())
     images = [cfg.data.dataset, cfg.data.root, cfg.data.synthetic.model_dump(mode="json"), loader.num_samples]
     digest.update(json.dumps([cfg.teacher.name, images, cfg.train.teacher_cache_dtype]).encode())
     path = Path(cfg.output_dir) / ".teacher_cache" / f"{digest.hexdigest()[:20]}.pt"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -33,15 +33,45 @@ class SyntheticConfig(_Strict):
     noise: float = 1.5
 
 
+FOLDER_KEYS = ("train_folder", "val_folder", "image_size", "resize", "crop", "interpolation", "mean", "std",
+               "in_memory")
+
+
 class DataConfig(_Strict):
-    dataset: Literal["cifar100", "imagenet", "imagefolder", "synthetic"] = "cifar100"
+    """The dataset and its loaders. Image-folder keys left unset (null) take the teacher's (else the
+    student's) timm pretrained data config, then the defaults of :class:`deepkd.data.FolderOptions`."""
+
+    dataset: Literal["cifar100", "cifar10", "tinyimagenet", "imagenet", "imagefolder", "synthetic"] = "cifar100"
     root: Optional[str] = None
     download: bool = True
     batch_size: int = Field(64, gt=0)
     eval_batch_size: int = Field(256, gt=0)
     num_workers: int = Field(2, ge=0)
     drop_last: bool = False
+    flip: bool = True
     synthetic: SyntheticConfig = SyntheticConfig()
+    # image folders (imagenet, imagefolder) only
+    train_folder: Optional[str] = None
+    val_folder: Optional[str] = None
+    image_size: Optional[int] = Field(None, gt=0)
+    resize: Optional[int] = Field(None, gt=0)
+    crop: Optional[Literal["random_resized", "pad_crop"]] = None
+    interpolation: Optional[Literal["bilinear", "bicubic", "nearest"]] = None
+    mean: Union[Literal["auto"], List[float], None] = None
+    std: Optional[List[float]] = None
+    in_memory: Optional[Literal["auto", "on", "off"]] = None
+
+    @model_validator(mode="after")
+    def _check_used(self) -> "DataConfig":
+        unused = [k for k in FOLDER_KEYS if getattr(self, k) is not None]
+        if unused and self.dataset not in ("imagenet", "imagefolder"):
+            raise ValueError(f"dataset {self.dataset!r} does not use data.{unused[0]} (image-folder datasets only: "
+                             "imagenet, imagefolder)")
+        if (self.mean == "auto") != (self.std is None) and self.mean is not None:
+            raise ValueError("mean: auto measures std too (leave std unset); a list of means needs a list of stds")
+        if self.std is not None and self.mean is None:
+            raise ValueError("std is set without mean")
+        return self
 
 
 class ModelConfig(_Strict):

@@ -21,7 +21,7 @@ def evaluate_checkpoint(recipe: str, weights: str, overrides: Sequence[str] = ()
     if not Path(weights).is_file():
         raise FileNotFoundError(f"checkpoint {weights!r} does not exist")
     device = build.build_device(cfg.train.device)
-    data = build.build_dataset(cfg.data, seed=cfg.seed, device=device, rank=0, world_size=1)
+    data = build.build_dataset(cfg, device=device, rank=0, world_size=1)
     model = create_model(cfg.student.name, num_classes=data.num_classes)
     load_weights(model, weights)
     model.to(device)

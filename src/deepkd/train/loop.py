@@ -173,10 +173,10 @@ def setup_run(cfg: RunConfig, run_dir: Path) -> Run:
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
-    data = build.build_dataset(cfg.data, seed=cfg.seed, device=device, rank=ctx.rank, world_size=ctx.world_size)
+    data = build.build_dataset(cfg, device=device, rank=ctx.rank, world_size=ctx.world_size)
     method = build.build_method(cfg.method, cfg.schedule)
     student = build.build_student(cfg.student, data.num_classes).to(device)
-    teacher = build.build_teacher(cfg.teacher, method, data.num_classes)
+    teacher = build.build_teacher(cfg.teacher, method, data.num_classes, cfg.data.dataset)
     teacher = teacher.to(device) if teacher is not None else None
     if cfg.train.channels_last:
         student = student.to(memory_format=torch.channels_last)
@@ -189,6 +189,7 @@ def setup_run(cfg: RunConfig, run_dir: Path) -> Run:
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "data.json").write_text(json.dumps(data.facts(), indent=1))
         writer = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb,
                                wandb_project=cfg.train.wandb_project, config=config_to_dict(cfg))
     run = Run(cfg, run_dir, device, ctx, student, forward, teacher, method, optimizer,
