@@ -1,11 +1,8 @@
 """Data: the device loader's augmentation and determinism, CIFAR-100's real format, ImageFolder trees,
 the synthetic set."""
-import io
 import pickle
-import random
 import tarfile
 
-import numpy as np
 import pytest
 import torch
 

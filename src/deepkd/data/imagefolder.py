@@ -16,12 +16,16 @@ the epoch's order is a seeded permutation sharded across ranks like ``Distribute
 run resumes exactly at any batch; small sets (``in_memory``) are decoded once at training
 resolution into the device-resident :class:`~deepkd.data.DeviceLoader`; ``mean="auto"`` measures
 the training split once and caches the result.
+
+torchvision 0.29 marks ``torchvision.io``'s image decoders deprecated in favour of TorchCodec; they
+ship and work in the pinned release, and :func:`decode` is the one place that would change.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -109,6 +113,20 @@ class ImageFolderDataset(Dataset):
             return self.transform(image), label
 
 
+class _EpochBatches:
+    """The batch sampler of the loader's one DataLoader: the main process sets each epoch's batches
+    before iterating, so worker processes persist across epochs and resumes."""
+
+    def __init__(self):
+        self.batches: List[List[Tuple[int, int, int]]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class ImageFolderLoader:
     """``iter_epoch(epoch, start_batch)`` over a folder; ``batch_size`` is global, split across ranks."""
 
@@ -118,6 +136,9 @@ class ImageFolderLoader:
         self.batch_size, self.train, self.seed, self.num_workers = batch_size, train, seed, num_workers
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.local_batch = max(1, batch_size // world_size)
+        self._batches = _EpochBatches()
+        self._loader = DataLoader(self.dataset, batch_sampler=self._batches, num_workers=num_workers,
+                                  persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
 
     @property
     def num_samples(self) -> int:
@@ -144,10 +165,14 @@ class ImageFolderLoader:
         """This rank's batches ``start_batch ..`` of ``epoch``: CPU (float32 ``[b, 3, S, S]``, int64 ``[b]``)."""
         indices = self._indices(epoch)
         batches = [indices[i:i + self.local_batch] for i in range(0, len(indices), self.local_batch)][:len(self)]
-        items = [[(self.seed, epoch, index) for index in batch] for batch in batches[start_batch:]]
-        loader = DataLoader(self.dataset, batch_sampler=items, num_workers=self.num_workers,
-                            persistent_workers=False, pin_memory=torch.cuda.is_available())
-        yield from loader
+        self._batches.batches = [[(self.seed, epoch, index) for index in batch] for batch in batches[start_batch:]]
+        try:
+            yield from self._loader
+        except ValueError as err:  # a worker's error arrives wrapped with its traceback: keep the sentence
+            found = re.search(r"^ValueError: (cannot decode image .*)$", str(err), re.M)
+            if found is None:
+                raise
+            raise ValueError(found.group(1)) from None
 
 
 def decode_all(samples, transform, *, num_workers: int, batch_size: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -100,7 +100,7 @@ def data_config(name: str, weights: Optional[str] = None) -> Dict[str, Any]:
 
     arch = name[len(TIMM):]
     tag = weights[len("timm:"):] if weights and weights.startswith("timm:") else ""
-    cfg = get_pretrained_cfg(f"{arch}.{tag}" if tag else arch)
+    cfg = _timm_pretrained_cfg(arch, tag) if tag else get_pretrained_cfg(arch)
     if cfg is None:
         return {}
     resolved = resolve_data_config(pretrained_cfg=cfg.to_dict())
@@ -168,18 +168,28 @@ def _torchvision_state(model: nn.Module, enum: str) -> Dict[str, torch.Tensor]:
                                 f"put that file at {target}, or set weights to a local file") from None
 
 
+def _timm_pretrained_cfg(arch: str, tag: str):
+    """timm's pretrained config of ``arch.tag`` (the default tag when empty); a miss lists the tags."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(f"{arch}.{tag}" if tag else arch)
+    except RuntimeError:  # timm: "Invalid pretrained tag"
+        cfg = None
+    if cfg is None:
+        raise ValueError(f"timm has no pretrained weights {arch}.{tag} (choose from "
+                         f"{', '.join(timm.list_pretrained(arch + '.*')) or 'none'})")
+    return cfg
+
+
 def _load_timm(model: nn.Module, tag: str, *, reset_head: bool, role: str) -> nn.Module:
-    from timm.models import get_pretrained_cfg, load_pretrained as timm_load_pretrained
+    from timm.models import load_pretrained as timm_load_pretrained
 
     arch = getattr(model, "timm_name", None)
     if arch is None:
         raise ValueError(f"{role}.weights 'timm:{tag}' need a timm/<name> model")
-    cfg = get_pretrained_cfg(f"{arch}.{tag}" if tag else arch)
-    if cfg is None:
-        import timm
-
-        raise ValueError(f"timm has no pretrained weights {arch}.{tag} (choose from "
-                         f"{', '.join(timm.list_pretrained(arch + '.*')) or 'none'})")
+    cfg = _timm_pretrained_cfg(arch, tag)
     classes = model.num_classes
     if classes != cfg.num_classes and not reset_head:
         raise ValueError(f"{role} timm/{arch} has {classes} classes but the weights timm:{cfg.tag} have "

@@ -1,0 +1,139 @@
+"""Image folders on torchvision: seeded per-sample augmentation, in-memory vs streaming, user errors."""
+import re
+import shutil
+
+import pytest
+import torch
+
+from deepkd.cli import main
+from deepkd.data import FolderOptions, build_data
+from deepkd.data import imagefolder as folders
+from deepkd.train.config import ConfigError, validate_config
+
+
+def one_sentence(message):
+    return "\n" not in message and not re.search(r"[.!?]\s+[A-Z]", message)
+
+
+def test_augmentation_is_a_pure_function_of_seed_epoch_index(tmp_path, jpeg_tree):
+    jpeg_tree(tmp_path)
+    samples, _ = folders.scan(tmp_path / "train")
+    transform = folders.build_transform(train=True, image_size=48, resize=55)
+    dataset = folders.ImageFolderDataset(samples, transform)
+    state = torch.get_rng_state()
+    first, again = dataset[(0, 3, 5)][0], dataset[(0, 3, 5)][0]
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
+    assert torch.equal(first, again) and first.shape == (3, 48, 48)
+    assert not torch.equal(first, dataset[(0, 4, 5)][0]) and not torch.equal(first, dataset[(1, 3, 5)][0])
+    # the same sample in another batch layout, another worker count: the same pixels
+    a = build_data("imagefolder", root=str(tmp_path), batch_size=4, num_workers=0, folder=FolderOptions(image_size=48))
+    b = build_data("imagefolder", root=str(tmp_path), batch_size=6, num_workers=2, folder=FolderOptions(image_size=48))
+    by_a = torch.cat([x for x, _ in a.train.iter_epoch(2)])
+    by_b = torch.cat([x for x, _ in b.train.iter_epoch(2)])
+    assert torch.equal(by_a, by_b)  # same order (seed, epoch), same per-sample views
+    resumed = torch.cat([x for x, _ in b.train.iter_epoch(2, start_batch=1)])
+    assert torch.equal(resumed, by_b[6:])
+
+
+def test_evaluation_is_resize_then_centre_crop(tmp_path, jpeg_tree):
+    from torchvision.transforms.v2 import functional as TF
+
+    jpeg_tree(tmp_path, classes=2, per_class=2)
+    data = build_data("imagefolder", root=str(tmp_path), batch_size=4, num_workers=0,
+                      folder=FolderOptions(image_size=32, resize=40, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))
+    images, labels = next(data.test.iter_epoch(0))
+    path, label = folders.scan(tmp_path / "val")[0][0]
+    expected = TF.center_crop(TF.resize(folders.decode(path), 40, antialias=True), 32).float() / 255
+    torch.testing.assert_close(images[0], expected, rtol=0, atol=1e-6)  # ToDtype(scale) vs / 255
+    assert labels[0].item() == label
+
+
+def test_small_sets_load_in_memory_and_match_the_streaming_pipeline(tmp_path, jpeg_tree):
+    jpeg_tree(tmp_path, per_class=5)
+    options = dict(image_size=32, crop="pad_crop", mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    memory = build_data("imagefolder", root=str(tmp_path), batch_size=8, eval_batch_size=8, num_workers=0,
+                        folder=FolderOptions(**options))
+    stream = build_data("imagefolder", root=str(tmp_path), batch_size=8, eval_batch_size=8, num_workers=0,
+                        folder=FolderOptions(in_memory="off", **options))
+    assert type(memory.train).__name__ == "DeviceLoader" and type(stream.train).__name__ == "ImageFolderLoader"
+    for (x_memory, y_memory), (x_stream, y_stream) in zip(memory.test.iter_epoch(0), stream.test.iter_epoch(0)):
+        torch.testing.assert_close(x_memory, x_stream, rtol=0, atol=1e-5)
+        assert torch.equal(y_memory.cpu(), y_stream)
+    assert memory.classes == stream.classes == ["class_0", "class_1", "class_2"]
+    with pytest.raises(ValueError, match="in_memory: on needs data.crop: pad_crop"):
+        build_data("imagefolder", root=str(tmp_path), folder=FolderOptions(in_memory="on"))
+
+
+def test_mean_auto_is_measured_once_and_cached(tmp_path, jpeg_tree, monkeypatch):
+    jpeg_tree(tmp_path / "data")
+    monkeypatch.setenv("DEEPKD_DATA", str(tmp_path / "cache"))
+    options = FolderOptions(image_size=32, mean="auto", std=None)
+    first = build_data("imagefolder", root=str(tmp_path / "data"), num_workers=0, folder=options)
+    images = torch.cat([folders.build_transform(train=False, image_size=32, resize=32, normalize=False)(
+        folders.decode(p))[None] for p, _ in folders.scan(tmp_path / "data" / "train")[0]])
+    pixels = images.double().div(255).transpose(0, 1).reshape(3, -1)
+    assert first.mean == pytest.approx(pixels.mean(1).tolist()) and first.std == pytest.approx(
+        pixels.std(1, unbiased=False).tolist())
+    assert len(list((tmp_path / "cache" / "stats").glob("*.json"))) == 1
+    monkeypatch.setattr(folders, "decode_all", lambda *a, **k: pytest.fail("statistics measured twice"))
+    assert build_data("imagefolder", root=str(tmp_path / "data"), num_workers=0, folder=options).mean == first.mean
+
+
+def test_an_unreadable_image_is_named_in_one_sentence(tmp_path, jpeg_tree):
+    jpeg_tree(tmp_path)
+    bad = tmp_path / "train" / "class_1" / "2.jpg"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated JPEG
+    for workers in (0, 2):
+        data = build_data("imagefolder", root=str(tmp_path), batch_size=12, num_workers=workers,
+                          folder=FolderOptions(image_size=32))
+        with pytest.raises(ValueError) as info:
+            list(data.train.iter_epoch(1))
+        assert str(bad) in str(info.value) and one_sentence(str(info.value))
+
+
+def test_train_and_val_must_hold_the_same_classes(tmp_path, jpeg_tree):
+    jpeg_tree(tmp_path)
+    shutil.rmtree(tmp_path / "val" / "class_2")
+    with pytest.raises(ValueError, match=r"only in train: \['class_2'\]") as info:
+        build_data("imagefolder", root=str(tmp_path))
+    assert one_sentence(str(info.value))
+
+
+def test_custom_split_folders(tmp_path, jpeg_tree):
+    jpeg_tree(tmp_path, splits=("training", "validation"))
+    data = build_data("imagefolder", root=str(tmp_path), num_workers=0,
+                      folder=FolderOptions(train_folder="training", val_folder="validation", image_size=32))
+    assert data.num_classes == 3 and data.test.num_samples == 12
+
+
+def test_folder_keys_are_errors_where_they_do_nothing():
+    with pytest.raises(ConfigError, match="dataset 'cifar100' does not use data.image_size"):
+        validate_config({"data": {"dataset": "cifar100", "image_size": 64}, "student": {"name": "resnet8"}})
+    with pytest.raises(ConfigError, match="mean: auto measures std too"):
+        validate_config({"data": {"dataset": "imagefolder", "mean": "auto", "std": [0.2, 0.2, 0.2]},
+                         "student": {"name": "resnet8"}})
+
+
+def test_teacher_with_another_class_count_is_one_sentence(tmp_path, jpeg_tree, capsys):
+    jpeg_tree(tmp_path / "data")
+    from deepkd.models import create_model, save_weights
+
+    weights = save_weights(create_model("resnet8", num_classes=100), tmp_path / "teacher.safetensors")
+    code = main(["train", str(_recipe(tmp_path)), f"teacher.weights={weights}"])
+    assert code == 2
+    message = capsys.readouterr().err.strip()
+    assert "has a 100-class classifier but the teacher is built for 3 classes" in message
+    assert one_sentence(message.removeprefix("deepkd: error: "))
+
+
+def _recipe(tmp_path):
+    import yaml
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
+        "experiment": "mismatch", "output_dir": str(tmp_path / "runs"),
+        "data": {"dataset": "imagefolder", "root": str(tmp_path / "data"), "image_size": 32, "crop": "pad_crop",
+                 "num_workers": 0},
+        "student": {"name": "resnet8"}, "teacher": {"name": "resnet8"}, "method": {"name": "kd"},
+        "schedule": {"epochs": 1}}))
+    return path
