@@ -26,8 +26,10 @@ def test_augmentation_is_a_pure_function_of_seed_epoch_index(tmp_path, jpeg_tree
     assert torch.equal(first, again) and first.shape == (3, 48, 48)
     assert not torch.equal(first, dataset[(0, 4, 5)][0]) and not torch.equal(first, dataset[(1, 3, 5)][0])
     # the same sample in another batch layout, another worker count: the same pixels
-    a = build_data("imagefolder", root=str(tmp_path), batch_size=4, num_workers=0, folder=FolderOptions(image_size=48))
-    b = build_data("imagefolder", root=str(tmp_path), batch_size=6, num_workers=2, folder=FolderOptions(image_size=48))
+    options = FolderOptions(image_size=48, in_memory="off")
+    a = build_data("imagefolder", root=str(tmp_path), batch_size=4, num_workers=0, folder=options)
+    b = build_data("imagefolder", root=str(tmp_path), batch_size=6, num_workers=2, folder=options)
+    assert type(a.train).__name__ == "ImageFolderLoader"
     by_a = torch.cat([x for x, _ in a.train.iter_epoch(2)])
     by_b = torch.cat([x for x, _ in b.train.iter_epoch(2)])
     assert torch.equal(by_a, by_b)  # same order (seed, epoch), same per-sample views
@@ -60,14 +62,51 @@ def test_small_sets_load_in_memory_and_match_the_streaming_pipeline(tmp_path, jp
         torch.testing.assert_close(x_memory, x_stream, rtol=0, atol=1e-5)
         assert torch.equal(y_memory.cpu(), y_stream)
     assert memory.classes == stream.classes == ["class_0", "class_1", "class_2"]
-    with pytest.raises(ValueError, match="in_memory: on needs data.crop: pad_crop"):
-        build_data("imagefolder", root=str(tmp_path), folder=FolderOptions(in_memory="on"))
+
+
+def test_random_resized_crops_in_memory_follow_torchvisions_rule(tmp_path, jpeg_tree):
+    from torchvision.transforms.v2 import functional as TF
+
+    from deepkd.data.device_crops import RandomResizedCropLoader
+
+    jpeg_tree(tmp_path, per_class=5)
+    data = build_data("imagefolder", root=str(tmp_path), batch_size=6, num_workers=0,
+                      folder=FolderOptions(image_size=32, resize=40, mean=(0.0,) * 3, std=(1 / 255,) * 3))
+    loader = data.train
+    assert isinstance(loader, RandomResizedCropLoader) and loader.images.shape[-2:] == (40, 40)
+    boxes, flips = loader.crop_boxes(1, 0, 4000)
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 40).all() and (boxes[:, 3] <= 40).all()
+    assert (w * h >= 0.08 * 1600 * 0.85).all() and (w / h >= 0.7).all() and (w / h <= 1.45).all()
+    assert 0.45 < flips.float().mean() < 0.55 and (w * h).std() > 100  # the boxes do vary
+    assert torch.equal(boxes, loader.crop_boxes(1, 0, 4000)[0])  # a pure function of (seed, epoch, index)
+    # each view is the box of the stored image resized to 32 x 32 (torchvision's resized_crop, bilinear)
+    batches = list(loader.iter_epoch(3))
+    chosen = loader._epoch_order(3)[:6]
+    boxes, flips = loader.crop_boxes(3, 0, 6)
+    for k in range(6):
+        left, top, right, bottom = boxes[k].long().tolist()
+        expected = TF.resized_crop(loader.images[chosen[k]].float(), top, left, bottom - top, right - left, [32, 32],
+                                   antialias=False)
+        expected = expected.flip(-1) if flips[k] else expected
+        # roi_align samples the box inside the whole image, crop-then-resize inside the crop: they differ
+        # only where a sample falls within half a pixel of the box's edge; a shrinking box is averaged
+        if right - left <= 32 and bottom - top <= 32:
+            torch.testing.assert_close(batches[0][0][k][:, 1:-1, 1:-1], expected[:, 1:-1, 1:-1], rtol=0, atol=0.01)
+        assert (batches[0][0][k] - expected).abs().mean() < 8
+    resumed = list(loader.iter_epoch(3, start_batch=1))
+    assert torch.equal(resumed[0][0], batches[1][0])
+    whole = loader.resized_crops(loader.images[:2], torch.tensor([[0.0, 0.0, 40.0, 40.0]] * 2), torch.tensor([False, True]))
+    loader.size = 40
+    same = loader.resized_crops(loader.images[:2], torch.tensor([[0.0, 0.0, 40.0, 40.0]] * 2), torch.tensor([False, True]))
+    assert whole.shape == (2, 3, 32, 32) and torch.equal(same[0], loader.images[0].float())
+    assert torch.equal(same[1], loader.images[1].float().flip(-1))
 
 
 def test_mean_auto_is_measured_once_and_cached(tmp_path, jpeg_tree, monkeypatch):
     jpeg_tree(tmp_path / "data")
     monkeypatch.setenv("DEEPKD_DATA", str(tmp_path / "cache"))
-    options = FolderOptions(image_size=32, mean="auto", std=None)
+    options = FolderOptions(image_size=32, mean="auto", std=None, in_memory="off")
     first = build_data("imagefolder", root=str(tmp_path / "data"), num_workers=0, folder=options)
     images = torch.cat([folders.build_transform(train=False, image_size=32, resize=32, normalize=False)(
         folders.decode(p))[None] for p, _ in folders.scan(tmp_path / "data" / "train")[0]])
@@ -83,12 +122,13 @@ def test_an_unreadable_image_is_named_in_one_sentence(tmp_path, jpeg_tree):
     jpeg_tree(tmp_path)
     bad = tmp_path / "train" / "class_1" / "2.jpg"
     bad.write_bytes(bad.read_bytes()[:40])  # truncated JPEG
-    for workers in (0, 2):
-        data = build_data("imagefolder", root=str(tmp_path), batch_size=12, num_workers=workers,
-                          folder=FolderOptions(image_size=32))
+    for workers, memory in ((0, "off"), (2, "off"), (2, "on")):  # streamed, or decoded once into memory
         with pytest.raises(ValueError) as info:
+            data = build_data("imagefolder", root=str(tmp_path), batch_size=12, num_workers=workers,
+                              folder=FolderOptions(image_size=32, in_memory=memory))
             list(data.train.iter_epoch(1))
-        assert str(bad) in str(info.value) and one_sentence(str(info.value))
+        assert str(bad) in str(info.value) and one_sentence(str(info.value)), str(info.value)
+        assert "incomplete or truncated" in str(info.value)
 
 
 def test_train_and_val_must_hold_the_same_classes(tmp_path, jpeg_tree):

@@ -37,8 +37,9 @@ class FolderOptions:
 
     ``mean="auto"``: measure the training split's channel mean and std once (cached).
     ``resize``: shorter side before the evaluation centre crop (default ``image_size / 0.875``).
-    ``in_memory``: ``"auto"`` decodes the set once into the device-resident loader when it uses
-    ``crop="pad_crop"`` and its uint8 pixels fit 4 GiB; large sets stream through DataLoader workers.
+    ``in_memory``: ``"auto"`` decodes the set once into the device-resident loaders when its uint8
+    pixels fit 4 GiB (training images as ``resize`` squares for ``random_resized`` crops, as
+    ``image_size`` squares for ``pad_crop``); larger sets stream through DataLoader workers.
     """
 
     train_folder: str = "train"
@@ -54,12 +55,16 @@ class FolderOptions:
 
 
 def _device_bundle(train, test, num_classes, mean, std, *, batch_size, eval_batch_size, device, seed,
-                   drop_last, rank, world_size, flip=True, classes=(), **augment) -> DataBundle:
+                   drop_last, rank, world_size, flip=True, classes=(), crop_size=None, **augment) -> DataBundle:
+    """Device-resident loaders; ``crop_size``: training views are RandomResizedCrop(crop_size) + flip."""
+    from deepkd.data.device_crops import RandomResizedCropLoader
+
     common = dict(mean=mean, std=std, device=device, rank=rank, world_size=world_size)
-    train_loader = DeviceLoader(*train, batch_size=batch_size, train=True, seed=seed, drop_last=drop_last,
-                                flip=flip, **augment, **common)
+    train_options = dict(batch_size=batch_size, seed=seed, drop_last=drop_last, flip=flip, **common)
+    train_loader = (RandomResizedCropLoader(*train, size=crop_size, **train_options) if crop_size else
+                    DeviceLoader(*train, train=True, **augment, **train_options))
     test_loader = DeviceLoader(*test, batch_size=eval_batch_size, train=False, seed=seed, **common)
-    return DataBundle(train_loader, test_loader, num_classes, train[0].shape[-1], mean, std, list(classes))
+    return DataBundle(train_loader, test_loader, num_classes, test[0].shape[-1], mean, std, list(classes))
 
 
 def build_data(dataset: str, *, root: Optional[str] = None, batch_size: int = 64, eval_batch_size: Optional[int] = None,
@@ -93,17 +98,19 @@ def build_data(dataset: str, *, root: Optional[str] = None, batch_size: int = 64
                      "or imagefolder")
 
 
-def _fits_in_memory(opts: FolderOptions, count: int) -> bool:
+def _stored_size(opts: FolderOptions, resize: int) -> int:
+    """Side of the training images kept in memory: random resized crops are taken from the
+    evaluation-size square (``resize``), padded crops from the ``image_size`` square."""
+    return resize if opts.crop == "random_resized" else opts.image_size
+
+
+def _fits_in_memory(opts: FolderOptions, train_count: int, val_count: int, resize: int) -> bool:
     from deepkd.data.imagefolder import IN_MEMORY_BYTES
 
-    if opts.in_memory == "off":
-        return False
-    if opts.crop != "pad_crop":
-        if opts.in_memory == "on":
-            raise ValueError("data.in_memory: on needs data.crop: pad_crop (random_resized crops stream from "
-                             "the files)")
-        return False
-    return opts.in_memory == "on" or count * 3 * opts.image_size ** 2 <= IN_MEMORY_BYTES
+    if opts.in_memory != "auto":
+        return opts.in_memory == "on"
+    pixels = train_count * _stored_size(opts, resize) ** 2 + val_count * opts.image_size ** 2
+    return 3 * pixels <= IN_MEMORY_BYTES
 
 
 def _build_folder(root, opts: FolderOptions, *, num_workers: int, flip: bool, **options) -> DataBundle:
@@ -115,20 +122,15 @@ def _build_folder(root, opts: FolderOptions, *, num_workers: int, flip: bool, **
     root = Path(root)
     train_samples, val_samples, classes = folders.split_samples(root, opts.train_folder, opts.val_folder)
     resize = opts.resize or round(opts.image_size / 0.875)
-    common = dict(image_size=opts.image_size, interpolation=opts.interpolation)
-    if _fits_in_memory(opts, len(train_samples) + len(val_samples)):
-        fit = folders.build_transform(train=False, resize=opts.image_size, normalize=False, **common)
-        train = folders.decode_all(train_samples, fit, num_workers=num_workers)
-        test = folders.decode_all(val_samples, folders.build_transform(train=False, resize=resize, normalize=False,
-                                                                       **common), num_workers=num_workers)
-        mean, std = folders.channel_stats(train[0]) if opts.mean == "auto" else (opts.mean, opts.std)
-        return _device_bundle(train, test, len(classes), mean, std, flip=flip, pad=opts.pad, classes=classes,
-                              **options)
+    if _fits_in_memory(opts, len(train_samples), len(val_samples), resize):
+        return _folder_in_memory(train_samples, val_samples, classes, opts, resize, num_workers=num_workers,
+                                 flip=flip, **options)
     mean, std = opts.mean, opts.std
     if mean == "auto":
         mean, std = folders.measured_stats(root / opts.train_folder, train_samples, opts.image_size,
                                            num_workers=num_workers)
-    augment = dict(resize=resize, crop=opts.crop, pad=opts.pad, flip=flip, mean=mean, std=std, **common)
+    augment = dict(image_size=opts.image_size, interpolation=opts.interpolation, resize=resize, crop=opts.crop,
+                   pad=opts.pad, flip=flip, mean=mean, std=std)
     loader = dict(seed=options["seed"], num_workers=num_workers, rank=options["rank"],
                   world_size=options["world_size"])
     train = folders.ImageFolderLoader(train_samples, folders.build_transform(train=True, **augment),
@@ -137,3 +139,21 @@ def _build_folder(root, opts: FolderOptions, *, num_workers: int, flip: bool, **
     test = folders.ImageFolderLoader(val_samples, folders.build_transform(train=False, **augment),
                                      batch_size=options["eval_batch_size"], train=False, **loader)
     return DataBundle(train, test, len(classes), opts.image_size, mean, std, classes)
+
+
+def _folder_in_memory(train_samples, val_samples, classes, opts: FolderOptions, resize: int, *, num_workers: int,
+                      **options) -> DataBundle:
+    """Decode both splits once (training images at their stored size, evaluation images resized and
+    centre-cropped) into device-resident loaders."""
+    from deepkd.data import imagefolder as folders
+
+    stored = _stored_size(opts, resize)
+    fit = folders.build_transform(train=False, image_size=stored, resize=stored, normalize=False,
+                                  interpolation=opts.interpolation)
+    evaluation = folders.build_transform(train=False, image_size=opts.image_size, resize=resize, normalize=False,
+                                         interpolation=opts.interpolation)
+    train = folders.decode_all(train_samples, fit, num_workers=num_workers)
+    test = folders.decode_all(val_samples, evaluation, num_workers=num_workers)
+    mean, std = folders.channel_stats(train[0]) if opts.mean == "auto" else (opts.mean, opts.std)
+    crop = dict(crop_size=opts.image_size) if opts.crop == "random_resized" else dict(pad=opts.pad)
+    return _device_bundle(train, test, len(classes), mean, std, classes=classes, **crop, **options)

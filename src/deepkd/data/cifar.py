@@ -68,13 +68,18 @@ def default_root() -> Path:
     return Path(os.environ.get("DEEPKD_DATA", Path.home() / ".cache" / "deepkd"))
 
 
-def md5sum(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex MD5 digest of a file, read in ``chunk``-byte blocks (archives are ~170 MB)."""
-    digest = hashlib.md5()
+def file_digest(path: Path, algorithm: str = "md5", chunk: int = 1 << 20) -> str:
+    """Hex digest of a file, read in ``chunk``-byte blocks (archives are hundreds of MB)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def md5sum(path: Path) -> str:
+    """Hex MD5 digest of a file (the checksum CIFAR and Tiny-ImageNet publish)."""
+    return file_digest(path, "md5")
 
 
 def download_file(url: str, path: Path) -> None:

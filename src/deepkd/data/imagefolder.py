@@ -87,12 +87,25 @@ def decode(path: str) -> torch.Tensor:
     try:
         return decode_image(path, mode=ImageReadMode.RGB)
     except (RuntimeError, OSError, ValueError) as err:
-        raise ValueError(f"cannot decode image {path!r} ({str(err).splitlines()[0][:120]}): "
-                         "delete or replace the file") from None
+        # torchvision prefixes the decoder's reason with its C++ function and source location
+        reason = re.sub(r"^.*\.cpp:\d+,\s*", "", (str(err).splitlines() or [type(err).__name__])[0])[:120]
+        raise ValueError(f"cannot decode image {path!r} ({reason}): delete or replace the file") from None
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return (((seed * 1_000_003) + epoch) * 1_000_033 + index) % (2 ** 63)
+
+
+def _one_sentence_errors(loader):
+    """Iterate a DataLoader; a worker's "cannot decode image" error arrives wrapped with the worker's
+    traceback, and is raised again as its one sentence."""
+    try:
+        yield from loader
+    except ValueError as err:
+        found = re.search(r"^ValueError: (cannot decode image .*)$", str(err), re.M)
+        if found is None:
+            raise
+        raise ValueError(found.group(1)) from None
 
 
 class ImageFolderDataset(Dataset):
@@ -166,13 +179,7 @@ class ImageFolderLoader:
         indices = self._indices(epoch)
         batches = [indices[i:i + self.local_batch] for i in range(0, len(indices), self.local_batch)][:len(self)]
         self._batches.batches = [[(self.seed, epoch, index) for index in batch] for batch in batches[start_batch:]]
-        try:
-            yield from self._loader
-        except ValueError as err:  # a worker's error arrives wrapped with its traceback: keep the sentence
-            found = re.search(r"^ValueError: (cannot decode image .*)$", str(err), re.M)
-            if found is None:
-                raise
-            raise ValueError(found.group(1)) from None
+        yield from _one_sentence_errors(self._loader)
 
 
 def decode_all(samples, transform, *, num_workers: int, batch_size: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +187,7 @@ def decode_all(samples, transform, *, num_workers: int, batch_size: int = 256) -
     dataset = ImageFolderDataset(samples, transform)
     batches = [[(0, 0, i) for i in range(start, min(start + batch_size, len(samples)))]
                for start in range(0, len(samples), batch_size)]
-    parts = list(DataLoader(dataset, batch_sampler=batches, num_workers=num_workers))
+    parts = list(_one_sentence_errors(DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).long()
 
 

@@ -29,7 +29,6 @@ to ``verified.json``, so :func:`find_teacher` notices a file that changed afterw
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -40,7 +39,7 @@ from typing import Optional, Union
 
 import torch
 
-from deepkd.data.cifar import default_root
+from deepkd.data.cifar import default_root, file_digest
 from deepkd.models.registry import create_model, list_models, model_info
 from deepkd.models.weights import load_weights
 
@@ -60,13 +59,9 @@ def teachers_dir(root: Optional[PathLike] = None) -> Path:
     return root if root.name == FOLDER else root / FOLDER
 
 
-def sha256sum(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in ``chunk``-byte blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def sha256sum(path: Path) -> str:
+    """Hex SHA-256 of a file."""
+    return file_digest(path, "sha256")
 
 
 def _reason(err: BaseException) -> str:
