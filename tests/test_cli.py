@@ -65,6 +65,19 @@ def test_resume_from_run_dir(tmp_path):
     assert load_checkpoint(run_dir / "last.pt")["step"] == 8
 
 
+def test_shipped_recipes_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["list", "recipes", "resnet32x4-resnet8x4"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert "cifar100/resnet32x4-resnet8x4/dkd" in listed and all(not n.endswith(".yaml") for n in listed)
+    missing = tmp_path / "no_data"  # the recipe is found; training stops at its (absent) data
+    assert main(["train", "cifar100/resnet32x4-resnet8x4/dkd", f"output_dir={tmp_path / 'runs'}",
+                 f"data.root={missing}", "data.download=false"]) == 2
+    assert main(["train", "cifar100/resnet32x4-resnet8x4/dkdd"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert str(missing) in err[0] and "did you mean 'cifar100/resnet32x4-resnet8x4/dkd'" in err[1]
+
+
 def test_list_models_and_methods(capsys):
     assert main(["list", "models", "cnn_w*"]) == 0
     assert "cnn_w8" in capsys.readouterr().out

@@ -1,10 +1,18 @@
-"""Strict configs: unknown keys name the closest valid key; every shipped recipe builds."""
+"""Strict configs: unknown keys name the closest valid key, keys a choice does not use are errors,
+every shipped recipe builds and is what tools/make_recipes.py writes."""
+import importlib.util
+import inspect
+from pathlib import Path
+
 import pytest
 import torch
 
+from deepkd.errors import ConfigError as DeepKDConfigError
 from deepkd.train import build
-from deepkd.train.config import ConfigError, config_to_dict, load_config, validate_config
-from deepkd.train.recipes import list_recipes, recipes_dir
+from deepkd.train.config import ConfigError, config_to_dict, is_deepkd_method, load_config, validate_config
+from deepkd.train.recipes import find_recipe, list_recipes, recipes_dir
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MINIMAL = {"student": {"name": "cnn_w4"}}
 
@@ -27,6 +35,10 @@ def test_unknown_key_names_closest(raw, expected):
         validate_config(raw)
 
 
+def test_config_error_is_the_deepkd_error():
+    assert ConfigError is DeepKDConfigError and issubclass(ConfigError, ValueError)
+
+
 def test_method_arguments_checked_against_signature():
     with pytest.raises(ConfigError, match="did you mean 'beta'"):
         validate_config(_raw(method={"name": "dkd", "bta": 8.0}))
@@ -46,10 +58,12 @@ def test_bad_values_are_one_clear_error():
 def test_overrides_and_round_trip(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("student: {name: cnn_w4}\noptimizer: {lr: 0.1}\n")
-    cfg = load_config(path, ["optimizer.lr=0.2", "data.synthetic.num_train=64", "method.name=kd"])
+    cfg = load_config(path, ["optimizer.lr=0.2", "data.dataset=synthetic", "data.synthetic.num_train=64",
+                             "method.name=kd"])
     assert cfg.optimizer.lr == 0.2 and cfg.data.synthetic.num_train == 64 and cfg.method.name == "kd"
-    again = validate_config(config_to_dict(cfg))
-    assert again == cfg
+    resolved = config_to_dict(cfg)  # written out in full, it reads back to itself
+    assert config_to_dict(validate_config(resolved)) == resolved
+    assert validate_config(resolved).optimizer == cfg.optimizer and validate_config(resolved).data == cfg.data
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="key.path=value"):
@@ -60,20 +74,21 @@ RECIPES = list_recipes()
 
 
 def test_recipes_cover_every_pair():
-    names = {str(p.relative_to("configs")) for p in RECIPES}
+    names = set(RECIPES)
     for pair in ["resnet32x4-resnet8x4", "wrn_40_2-wrn_16_2", "vgg13-MobileNetV2", "ResNet50-MobileNetV2"]:
         for method in ["kd", "dkd", "dtkd", "deepkd_kd", "deepkd_dkd"]:
-            assert f"cifar100/{pair}/{method}.yaml" in names
-    assert "imagenet/resnet50-mobilenetv1/deepkd_dkd.yaml" in names
+            assert f"cifar100/{pair}/{method}" in names
+    assert "imagenet/resnet50-mobilenetv1/deepkd_dkd" in names
     assert len(RECIPES) >= 90
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=[str(p) for p in RECIPES])
-def test_every_recipe_builds(path):
-    cfg = load_config(recipes_dir().parent / path)
-    assert path.read_text().startswith("# ") and "expected top-1" in path.read_text()
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_builds(name):
+    cfg = load_config(name)
+    text = find_recipe(name).read_text()
+    assert text.startswith("# ") and "expected top-1" in text
     num_classes = {"imagenet": 1000, "cifar10": 10, "tinyimagenet": 200}.get(cfg.data.dataset, 100)
-    method = build.build_method(cfg.method, cfg.schedule)
+    method = build.build_method(cfg.method)
     with torch.device("meta"):
         student = build.create_model(cfg.student.name, num_classes=num_classes)
         if cfg.teacher is not None:
@@ -82,3 +97,97 @@ def test_every_recipe_builds(path):
     lr = build.build_schedule(cfg.schedule, cfg.optimizer.lr)
     assert lr(1, 0.0) > 0 and method.needs_teacher == (cfg.teacher is not None)
     assert len(optimizer.param_groups) == 1
+    if is_deepkd_method(cfg.method.name):  # DeepKD recipes say the mask is off and where its ramp would end
+        assert cfg.method.arguments()["topk"] is False and "method.topk_ramp_end=" in text
+
+
+def test_the_generator_writes_exactly_the_shipped_recipes():
+    spec = importlib.util.spec_from_file_location("make_recipes", ROOT / "tools" / "make_recipes.py")
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    written = generator.recipes()
+    shipped = {str(p.relative_to(recipes_dir())): p.read_text() for p in recipes_dir().rglob("*.yaml")}
+    assert sorted(written) == sorted(shipped)
+    assert [n for n in written if written[n] != shipped[n]] == []
+
+
+def test_recipe_names_resolve_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert find_recipe("cifar100/resnet32x4-resnet8x4/dkd") == recipes_dir() / "cifar100/resnet32x4-resnet8x4/dkd.yaml"
+    assert find_recipe("cifar100/resnet32x4-resnet8x4/dkd.yaml").is_file()
+    assert load_config("cifar100/resnet32x4-resnet8x4/dkd").method.name == "dkd"
+    local = tmp_path / "cifar100" / "resnet32x4-resnet8x4" / "dkd.yaml"  # a real file wins over a shipped name
+    local.parent.mkdir(parents=True)
+    local.write_text("student: {name: cnn_w4}\n")
+    assert load_config("cifar100/resnet32x4-resnet8x4/dkd.yaml").student.name == "cnn_w4"
+    with pytest.raises(ConfigError, match="did you mean 'cifar100/resnet32x4-resnet8x4/dkd'"):
+        find_recipe("configs/cifar100/resnet32x4-resnet8x4/dkd.yaml")
+    pair = "cifar100/resnet32x4-resnet8x4"
+    assert list_recipes(f"{pair}/d*kd") == [f"{pair}/{m}" for m in ("deepkd_dkd", "deepkd_kd", "dkd", "dtkd")]
+
+
+@pytest.mark.parametrize("section, match", [
+    ({"optimizer": {"stream_momentum": {"task": 0.9}}}, "optimizer 'sgd' does not use optimizer.stream_momentum "
+                                                        r"\(only 'decoupled'\)"),
+    ({"optimizer": {"name": "decoupled", "momentum": 0.9}}, "optimizer 'decoupled' does not use optimizer.momentum"),
+    ({"optimizer": {"name": "decoupled", "nesterov": True}}, r"optimizer.nesterov \(only 'sgd'\)"),
+    ({"optimizer": {"name": "adam"}}, "optimizer.name 'adam' is not one of 'sgd', 'decoupled'"),
+    ({"schedule": {"name": "cosine", "milestones": []}}, "schedule 'cosine' does not use schedule.milestones"),
+    ({"schedule": {"warmup_epochs": 5}}, r"schedule 'step' does not use schedule.warmup_epochs \(only 'cosine'\)"),
+    ({"data": {"dataset": "imagenet", "download": False}}, "dataset 'imagenet' does not use data.download"),
+    ({"data": {"dataset": "cifar100", "synthetic": {"num_train": 8}}},
+     "dataset 'cifar100' does not use data.synthetic"),
+    ({"data": {"dataset": "synthetic", "root": "x", "num_workers": 4}},
+     r"data.root \(only cifar100, cifar10, tinyimagenet, imagenet, imagefolder\), data.num_workers"),
+    ({"teacher": {"name": "cnn_w8"}}, "teacher section is not used by method 'ce'"),
+    ({"method": {"name": "deepkd_dkd"}, "teacher": {"name": "cnn_w8"}}, "optimizer.allow_base_method: true"),
+    ({"method": {"name": "deepkd", "base": "kd"}, "teacher": {"name": "cnn_w8"}}, "trains its base method"),
+    ({"method": {"name": "kd"}, "teacher": {"name": "cnn_w8"}, "optimizer": {"allow_base_method": True}},
+     "allow_base_method is only for a DeepKD method"),
+    ({"method": {"name": "dkd", "topk": True}, "teacher": {"name": "cnn_w8"}}, "topk_ramp_end is not set"),
+    ({"method": {"name": "deepkd_kd", "topk_ramp_end": 150}, "teacher": {"name": "cnn_w8"},
+      "optimizer": {"name": "decoupled"}}, "topk_ramp_end is set but topk is off"),
+])
+def test_keys_that_would_do_nothing_are_errors(section, match):
+    with pytest.raises(ConfigError, match=match):
+        validate_config(_raw(**section))
+
+
+def test_unused_key_errors_are_one_sentence_per_problem():
+    with pytest.raises(ConfigError) as caught:
+        validate_config(_raw(optimizer={"stream_momentum": {}, "momentm": 0.9}))
+    assert str(caught.value).count(";") == 2 and "did you mean 'optimizer.momentum'" in str(caught.value)
+
+
+def test_deepkd_with_plain_sgd_on_purpose():
+    cfg = validate_config(_raw(method={"name": "deepkd_dkd"}, teacher={"name": "cnn_w8"},
+                               optimizer={"allow_base_method": True}))
+    assert cfg.optimizer.name == "sgd" and cfg.optimizer.allow_base_method
+    cfg = validate_config(_raw(method={"name": "dkd", "topk": True, "topk_ramp_end": 60}, teacher={"name": "cnn_w8"}))
+    assert build.build_method(cfg.method).dtm.ramp_end == 60
+
+
+def test_defaults_come_from_the_builders_signatures():
+    from deepkd.data import build_data
+    from deepkd.optim import DecoupledMomentumSGD, cosine_lr, step_lr
+
+    def default(builder, name):
+        return inspect.signature(builder).parameters[name].default
+
+    cfg = validate_config(_raw(optimizer={"name": "decoupled"}, schedule={"name": "cosine"}))
+    assert cfg.optimizer.stream_momentum == default(DecoupledMomentumSGD, "momentum")
+    assert cfg.optimizer.weight_decay == default(DecoupledMomentumSGD, "weight_decay")
+    assert cfg.schedule.warmup_start_factor == default(cosine_lr, "warmup_start_factor")
+    assert validate_config(_raw()).schedule.gamma == default(step_lr, "gamma")
+    assert cfg.data.batch_size == default(build_data, "batch_size")
+    assert cfg.data.synthetic.num_train == default(build_data, "synthetic_train")
+
+
+def test_resolved_config_is_complete_and_only_what_is_used():
+    cfg = validate_config(_raw(data={"dataset": "synthetic"}, method={"name": "dkd", "beta": 2.0},
+                               teacher={"name": "cnn_w8"}, optimizer={"name": "decoupled"}))
+    data = config_to_dict(cfg)
+    assert set(data["data"]) == {"dataset", "batch_size", "eval_batch_size", "drop_last", "flip", "synthetic"}
+    assert data["method"]["beta"] == 2.0 and data["method"]["temperature"] == 4.0  # the signature's default
+    assert "momentum" not in data["optimizer"] and data["optimizer"]["stream_momentum"]["non_target"] == 0.95
+    assert validate_config(data) == validate_config(config_to_dict(validate_config(data)))

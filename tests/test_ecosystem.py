@@ -71,8 +71,8 @@ def test_the_papers_imagenet_teachers_are_torchvisions_v1_weights():
     # DKD / DeepKD ImageNet tables: teachers ResNet-34 73.31 and ResNet-50 76.16 (RECIPES.md)
     assert get_model_weights("resnet34").IMAGENET1K_V1.meta["_metrics"]["ImageNet-1K"]["acc@1"] == 73.314
     assert "333f7ec4" not in get_model_weights("resnet34").IMAGENET1K_V1.url  # re-saved file, same weights
-    cfg = validate_config({"student": {"name": "resnet18"}, "teacher": {"name": "resnet34", "weights":
-                                                                       "torchvision:IMAGENET1K_V1"}})
+    cfg = validate_config({"student": {"name": "resnet18"}, "method": {"name": "kd"},
+                           "teacher": {"name": "resnet34", "weights": "torchvision:IMAGENET1K_V1"}})
     assert cfg.teacher.weights == "torchvision:IMAGENET1K_V1"
 
 
@@ -145,7 +145,7 @@ def test_timm_hub_weights_come_from_the_hub_cache_and_offline_is_one_sentence(tm
 def _run(teacher=None, student="resnet18", **data):
     raw = {"data": {"dataset": "imagefolder", "root": "x", **data}, "student": {"name": student}}
     if teacher:
-        raw["teacher"] = teacher
+        raw.update(teacher=teacher, method={"name": "kd"})
     return validate_config(raw)
 
 

@@ -135,7 +135,7 @@ def test_bf16_and_channels_last_run(tmp_path):
 
 
 def test_gsnr_recorded_and_plotted(tmp_path):
-    from deepkd.train.plots import plot_runs
+    from deepkd.commands.plots import plot_runs
 
     teacher = trained_teacher(tmp_path)
     cfg = tiny_config(tmp_path, method={"name": "deepkd_dkd", "warmup_epochs": 1},

@@ -1,4 +1,5 @@
-"""Write configs/ from the tables of spec/RECIPES.md (run once after editing a table here).
+"""Write the shipped recipes, src/deepkd/configs/, from the tables of spec/RECIPES.md (run once after
+editing a table here; a test checks that the committed recipes are exactly what this writes).
 
     python tools/make_recipes.py
 
@@ -7,11 +8,14 @@ paper, the table and the expected top-1 where spec/RECIPES.md lists one.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Dict, Optional
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1] / "src" / "deepkd" / "configs"
+RECIPES: Dict[str, str] = {}  # path relative to ROOT -> file text, filled by the write_* functions
 SMALL_LR = {"ShuffleV1", "ShuffleV2", "MobileNetV2"}
 
 # teacher -> student: DKD beta, DTKD (alpha, beta), DeepKD+DKD (lr, m_task=m_target, m_non_target,
@@ -82,11 +86,25 @@ ORDER = ["experiment", "seed", "output_dir", "data", "student", "teacher", "meth
          "train"]
 
 
+def mask_note(schedule: dict) -> str:
+    """DeepKD recipes say where their dynamic top-k mask would end its ramp (the mask itself stays off)."""
+    if schedule["name"] == "step":
+        end, why = min(schedule["milestones"]), "the first LR decay"
+    else:  # the middle of the cosine decay after warm-up: the LR has halved, about as late as CIFAR's 150/240
+        warmup = schedule["warmup_epochs"]
+        end = (warmup + schedule["epochs"]) // 2
+        why = f"the middle of the cosine decay after the {warmup}-epoch warm-up, where the LR has halved"
+    return (f"Top-k mask off (method.topk: false): the reference code behind DeepKD's published numbers never used "
+            f"it; to turn it on add method.topk=true method.topk_ramp_end={end} ({why}, deepkd's choice)")
+
+
 def write(path: Path, header: list, recipe: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     recipe = {key: recipe[key] for key in ORDER if key in recipe}
+    if recipe["method"]["name"].startswith("deepkd"):
+        recipe["method"] = {**recipe["method"], "topk": False}
+        header = [*header, mask_note(recipe["schedule"])]
     lines = [f"# {h}" for h in header]
-    path.write_text("\n".join(lines) + "\n" + yaml.safe_dump(recipe, sort_keys=False))
+    RECIPES[str(path.relative_to(ROOT))] = "\n".join(lines) + "\n" + yaml.safe_dump(recipe, sort_keys=False)
 
 
 def expected(value) -> str:
@@ -136,10 +154,12 @@ def write_pair(t: str, s: str, spec: dict) -> None:
     pub = spec.get("pub")
     pair = f"CIFAR-100, {t} -> {s}"
     if "dkd" in spec:
-        write(folder / "kd.yaml", [f"KD (Hinton et al., 2015) as run in DKD (Zhao et al., CVPR 2022), Table 1-2; {pair}",
-                                   expected(pub[2] if pub else None)],
+        write(folder / "kd.yaml",
+              [f"KD (Hinton et al., 2015) as run in DKD (Zhao et al., CVPR 2022), Table 1-2; {pair}",
+               expected(pub[2] if pub else None)],
               distill(t, s, {"name": "kd", "temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}, "kd"))
-        write(folder / "dkd.yaml", [f"DKD (Zhao et al., CVPR 2022), Table 1-2; {pair}", expected(pub[3] if pub else None)],
+        write(folder / "dkd.yaml",
+              [f"DKD (Zhao et al., CVPR 2022), Table 1-2; {pair}", expected(pub[3] if pub else None)],
               distill(t, s, {"name": "dkd", "alpha": 1.0, "beta": float(spec["dkd"]), "temperature": 4.0,
                              "ce_weight": 1.0, "warmup_epochs": 20}, "dkd"))
         alpha, beta = spec["dtkd"]
@@ -177,7 +197,7 @@ IMAGENET_PAIRS = {
 def imagenet_base(t: str, s: str, name: str) -> dict:
     return {
         "experiment": f"imagenet_{t}_{s}_{name}", "seed": 0, "output_dir": "runs",
-        "data": {"dataset": "imagenet", "root": "data/imagenet", "download": False, "batch_size": 512,
+        "data": {"dataset": "imagenet", "root": "data/imagenet", "batch_size": 512,
                  "eval_batch_size": 256, "num_workers": 8},
         "student": {"name": s, "weights": None},
         # torchvision's IMAGENET1K_V1 weights: the teachers of the papers' ImageNet tables (73.31 / 76.13)
@@ -193,13 +213,13 @@ def write_imagenet(t: str, s: str, spec: dict) -> None:
     pair = f"ImageNet, {t} -> {s}, batch 512 (e.g. 8 GPUs x 64 with torchrun)"
     kd = imagenet_base(t, s, "kd")
     kd["method"] = {"name": "kd", "temperature": 1.0, "ce_weight": 0.5, "kd_weight": 0.5}
-    write(folder / "kd.yaml", [f"KD as run in DKD (Zhao et al., CVPR 2022), Table 3; {pair}", expected(spec["pub"][1])], kd)
+    write(folder / "kd.yaml", [f"KD as run in DKD (Zhao et al., CVPR 2022), Table 3; {pair}", expected(spec["pub"][1])],
+          kd)
     dkd = imagenet_base(t, s, "dkd")
     dkd["method"] = {"name": "dkd", "alpha": 1.0, "beta": spec["dkd_beta"], "temperature": 1.0, "ce_weight": 1.0,
                      "warmup_epochs": 1}
     write(folder / "dkd.yaml", [f"DKD (Zhao et al., CVPR 2022), Table 3; {pair}", expected(spec["pub"][2])], dkd)
-    cosine = {"name": "cosine", "epochs": 100, "milestones": [], "warmup_epochs": 20, "warmup_start_factor": 0.1,
-              "min_lr": 5e-5}
+    cosine = {"name": "cosine", "epochs": 100, "warmup_epochs": 20, "warmup_start_factor": 0.1, "min_lr": 5e-5}
     deep = imagenet_base(t, s, "deepkd_dkd")
     deep["method"] = {"name": "deepkd_dkd", "alpha": 1.0, "beta": spec["deep_beta"], "temperature": 1.0,
                       "ce_weight": 1.0, "warmup_epochs": 1}
@@ -221,12 +241,14 @@ def write_imagenet(t: str, s: str, spec: dict) -> None:
 
 TIMM_PAIR = ("timm/regnety_160", "timm/deit_tiny_patch16_224")
 TIMM_HEADER = [
-    "Known (DeepKD, Huang et al., 2025, ImageNet): the pair RegNetY-16GF -> DeiT-Tiny and DeepKD+DKD top-1 75.75 (+1.89",
+    "Known (DeepKD, Huang et al., 2025, ImageNet): the pair RegNetY-16GF -> DeiT-Tiny and DeepKD+DKD top-1 75.75 "
+    "(+1.89",
     "over its baseline). The teacher is the RegNetY-16GF that DeiT distilled from (timm regnety_160.deit_in1k). Not",
     "known: the optimizer, epochs, LR, batch, augmentation, temperature and DKD beta of that run. DeiT's own recipe is",
     "AdamW for 300 epochs with RandAugment, Mixup/CutMix and repeated augmentation, which deepkd does not implement;",
     "these recipes use deepkd's ImageNet DeepKD setting (SGD family, 100 epochs, cosine with 20-epoch warm-up) and the",
-    "input pipeline of the teacher's timm config (224 px, bicubic, crop 0.95). Untested: do not expect 75.75 from them.",
+    "input pipeline of the teacher's timm config (224 px, bicubic, crop 0.95). Untested: do not expect 75.75 from "
+    "them.",
 ]
 
 
@@ -245,10 +267,11 @@ def write_timm_pair() -> None:
               "deepkd_dkd": "DeepKD + DKD (Huang et al., 2025), ImageNet ViT result"}
     for name, (method, optimizer) in runs.items():
         recipe = dict(base, experiment=f"imagenet_regnety_160_deit_tiny_{name}", method=method)
-        recipe["schedule"] = {"name": "cosine", "epochs": 100, "milestones": [], "warmup_epochs": 20,
-                              "warmup_start_factor": 0.1, "min_lr": 5e-5}
+        recipe["schedule"] = {"name": "cosine", "epochs": 100, "warmup_epochs": 20, "warmup_start_factor": 0.1,
+                              "min_lr": 5e-5}
         if optimizer == "decoupled":
-            recipe["optimizer"] = {"name": "decoupled", "lr": 0.2, "weight_decay": 1e-4, "weight_decay_stream": "target",
+            recipe["optimizer"] = {"name": "decoupled", "lr": 0.2, "weight_decay": 1e-4,
+                                   "weight_decay_stream": "target",
                                    "stream_momentum": {"task": 0.825, "target": 0.825, "non_target": 0.95}}
         top = "expected top-1: 75.75 (published, in a setting not known)" if name == "deepkd_dkd" else \
             "expected top-1: not published for this method"
@@ -278,7 +301,7 @@ TINY_AUGMENT = "Augmentation as the reference: RandomRotation(20) + horizontal f
 
 
 def _teacher_first(dataset: str, t: str) -> str:
-    return (f"No released {t} teacher for this set: train configs/{dataset}/teacher/{t}.yaml first and pass "
+    return (f"No released {t} teacher for this set: run deepkd train {dataset}/teacher/{t} first and pass "
             f"teacher.weights=runs/<that run>/best.pt")
 
 
@@ -317,7 +340,7 @@ TITLES = {"kd": "KD (Hinton et al., 2015)", "dkd": "DKD (Zhao et al., CVPR 2022)
 def write_cifar10() -> None:
     for t, s in CIFAR10_PAIRS:
         note = (f"No published CIFAR-10 result or setting for this pair: its CIFAR-100 recipe "
-                f"(configs/cifar100/{t}-{s}/) reused.")
+                f"(cifar100/{t}-{s}/) reused.")
         spec = PAIRS[(t, s)]
         for name, (method, optimizer) in _kd_methods(spec["dkd"], spec["deep"], spec["deep"]["lr"]).items():
             recipe = dict(cifar10_base(s), experiment=f"cifar10_{t}_{s}_{name}", method=method,
@@ -360,7 +383,9 @@ def write_tinyimagenet() -> None:
                "expected top-1: not published", TINY_MODELS[name], TINY_AUGMENT], recipe)
 
 
-def main() -> None:
+def recipes() -> Dict[str, str]:
+    """Every recipe as ``{path relative to src/deepkd/configs: file text}``."""
+    RECIPES.clear()
     for (t, s), spec in {**PAIRS, **DEEPKD_ONLY}.items():
         write_pair(t, s, spec)
     for name, top1 in TEACHER_TOP1.items():
@@ -372,8 +397,20 @@ def main() -> None:
     write_timm_pair()
     write_cifar10()
     write_tinyimagenet()
-    print(f"wrote {len(list(ROOT.rglob('*.yaml')))} recipes under {ROOT}")
+    return dict(RECIPES)
+
+
+def main(out: Optional[Path] = None) -> None:
+    """Write the recipes under ``out`` (default: src/deepkd/configs), removing the recipes it no longer holds."""
+    out = out or ROOT
+    written = recipes()
+    for stale in [p for p in out.rglob("*.yaml") if str(p.relative_to(out)) not in written]:
+        stale.unlink()
+    for name, text in written.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    print(f"wrote {len(RECIPES)} recipes under {out}")
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else None)

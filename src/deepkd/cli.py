@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -15,7 +16,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepkd", description="Logit knowledge distillation trainer.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a teacher or distil a student from a YAML recipe")
-    train.add_argument("recipe", help="YAML recipe (configs/...), or a run folder to continue with --resume")
+    train.add_argument("recipe", help="a shipped recipe's name (deepkd list recipes), a YAML file, or a run folder "
+                                      "to continue with --resume")
     train.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optimizer.lr=0.1")
     train.add_argument("--resume", action="store_true",
                        help="continue from last.pt of the recipe's run folder (or of the run folder given)")
@@ -43,21 +45,35 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_train(args) -> int:
+def _train_config(args):
+    """The run's config and folder (None: the recipe's own). With ``--resume``, the config must be the one
+    stored in ``last.pt`` except for how the run is watched (:func:`deepkd.train.config.check_resume`)."""
+    from deepkd.errors import ConfigError
     from deepkd.train.checkpoint import load_checkpoint
-    from deepkd.train.config import apply_overrides, load_config, validate_config
-    from deepkd.train.loop import train
+    from deepkd.train.config import apply_overrides, check_resume, load_config, validate_config
+    from deepkd.train.loop import run_directory
 
     if Path(args.recipe).is_dir():
         if not args.resume:
-            raise ValueError(f"{args.recipe!r} is a run folder: add --resume to continue it")
+            raise ConfigError(f"{args.recipe!r} is a run folder: add --resume to continue it")
         run_dir = Path(args.recipe)
-        raw = load_checkpoint(run_dir / "last.pt")["config"]
-        cfg = validate_config(apply_overrides(raw, args.overrides), f"{run_dir}/last.pt")
-        summary = train(cfg, resume=True, run_dir=run_dir)
+        last = run_dir / "last.pt"
+        stored = load_checkpoint(last)["config"]
+        cfg = validate_config(apply_overrides(copy.deepcopy(stored), args.overrides), str(last))
     else:
-        cfg = load_config(args.recipe, args.overrides)
-        summary = train(cfg, resume=args.resume)
+        cfg, run_dir = load_config(args.recipe, args.overrides), None
+        last = run_directory(cfg) / "last.pt"
+        stored = load_checkpoint(last)["config"] if args.resume and last.is_file() else None
+    if stored is not None:
+        check_resume(stored, cfg, str(last))
+    return cfg, run_dir
+
+
+def cmd_train(args) -> int:
+    from deepkd.train.loop import train
+
+    cfg, run_dir = _train_config(args)
+    summary = train(cfg, resume=args.resume, run_dir=run_dir)
     if int(os.environ.get("RANK", "0")) == 0:  # other ranks' summaries are not the run's files
         print(json.dumps(summary))
     return 0
@@ -75,19 +91,19 @@ def cmd_list(args) -> int:
     else:
         from deepkd.train.recipes import list_recipes
 
-        print("\n".join(str(p) for p in list_recipes(args.pattern)))
+        print("\n".join(list_recipes(args.pattern)))
     return 0
 
 
 def cmd_eval(args) -> int:
-    from deepkd.train.evaluate import evaluate_checkpoint
+    from deepkd.commands.evaluate import evaluate_checkpoint
 
     print(json.dumps(evaluate_checkpoint(args.recipe, args.weights, args.overrides)))
     return 0
 
 
 def cmd_plot(args) -> int:
-    from deepkd.train.plots import plot_runs
+    from deepkd.commands.plots import plot_runs
 
     for path in plot_runs(args.runs, args.out):
         print(path)
@@ -95,7 +111,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_summary(args) -> int:
-    from deepkd.train.summary import format_summary, summarize
+    from deepkd.commands.summary import format_summary, summarize
 
     rows = summarize(args.runs)
     print(json.dumps(rows) if args.json else format_summary(rows))
@@ -103,7 +119,7 @@ def cmd_summary(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from deepkd.train.demo import run_demo
+    from deepkd.commands.demo import run_demo
 
     run_demo(out=args.out, quick=args.quick, as_json=args.json)
     return 0

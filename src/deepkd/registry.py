@@ -9,6 +9,8 @@ import difflib
 import fnmatch
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
+from deepkd.errors import UnknownNameError
+
 
 def closest(name: str, choices, n: int = 3) -> List[str]:
     """The registered names most similar to ``name`` (case-insensitive), best first."""
@@ -45,7 +47,7 @@ class Registry:
             return self._builders[name]
         near = closest(name, self._builders)
         hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
-        raise KeyError(f"unknown {self.kind} {name!r}{hint} ({len(self)} {self.kind}s registered)")
+        raise UnknownNameError(f"unknown {self.kind} {name!r}{hint} ({len(self)} {self.kind}s registered)")
 
     def info(self, name: str) -> Dict[str, Any]:
         """The keyword metadata given at registration."""

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, List, Optional, Sequence, Union
 
 
+from deepkd.errors import DataError, MissingFileError
 from deepkd.data import cifar, synthetic
 from deepkd.data.device_loader import DeviceLoader
 
@@ -94,7 +95,7 @@ def build_data(dataset: str, *, root: Optional[str] = None, batch_size: int = 64
                               rotation=tinyimagenet.AUGMENT["rotation"], **options)
     if dataset in ("imagenet", "imagefolder"):
         return _build_folder(root, folder or FolderOptions(), num_workers=num_workers, **options)
-    raise ValueError(f"unknown dataset {dataset!r}: choose cifar100, cifar10, tinyimagenet, synthetic, imagenet "
+    raise DataError(f"unknown dataset {dataset!r}: choose cifar100, cifar10, tinyimagenet, synthetic, imagenet "
                      "or imagefolder")
 
 
@@ -117,7 +118,7 @@ def _build_folder(root, opts: FolderOptions, *, num_workers: int, flip: bool, **
     from deepkd.data import imagefolder as folders
 
     if root is None:
-        raise FileNotFoundError("data.root is not set: point it at a folder holding "
+        raise MissingFileError("data.root is not set: point it at a folder holding "
                                 f"{opts.train_folder}/ and {opts.val_folder}/ class folders")
     root = Path(root)
     train_samples, val_samples, classes = folders.split_samples(root, opts.train_folder, opts.val_folder)

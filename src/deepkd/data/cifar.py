@@ -19,6 +19,8 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from deepkd.errors import DataError, MissingFileError
+
 
 @dataclass(frozen=True)
 class CifarSpec:
@@ -101,15 +103,15 @@ def fetch_archive(root: Path, archive: Path, url: str, md5: str, missing: str, *
     """
     if not archive.is_file():
         if not download:
-            raise FileNotFoundError(missing)
+            raise MissingFileError(missing)
         root.mkdir(parents=True, exist_ok=True)
         try:
             download_file(url, archive)
         except OSError as err:
-            raise FileNotFoundError(f"{missing} (download failed: {err})") from None
+            raise MissingFileError(f"{missing} (download failed: {err})") from None
     found = md5sum(archive)
     if found != md5:
-        raise ValueError(f"{archive} has md5 {found}, expected {md5}: the file is corrupt or incomplete; delete it")
+        raise DataError(f"{archive} has md5 {found}, expected {md5}: the file is corrupt or incomplete; delete it")
 
 
 def _complete(folder: Path, spec: CifarSpec) -> bool:

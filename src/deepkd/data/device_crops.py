@@ -16,6 +16,7 @@ from typing import Iterator, Tuple
 
 import torch
 
+from deepkd.errors import ConfigError
 from deepkd.data.device_loader import DeviceLoader, _generator
 
 _STREAM = 7  # a generator stream of its own: (seed, epoch, index, _STREAM)
@@ -63,7 +64,7 @@ class RandomResizedCropLoader(DeviceLoader):
         return torch.where(flips.to(self.device)[:, None, None, None], crops.flip(-1), crops)
 
     def batch_views(self, epoch: int, index: int):
-        raise ValueError("random resized crops are not (dy, dx, flip) views, so the teacher-logit cache cannot "
+        raise ConfigError("random resized crops are not (dy, dx, flip) views, so the teacher-logit cache cannot "
                          "serve them: set train.teacher_cache: false")
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:

@@ -19,6 +19,8 @@ from typing import Iterator, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from deepkd.errors import ConfigError
+
 _MIX = (1_000_003, 1_000_033)
 
 
@@ -145,7 +147,7 @@ class DeviceLoader:
     def batch_views(self, epoch: int, index: int) -> Tuple[torch.Tensor, ...]:
         """This rank's sample indices and view parameters ``(indices, dy, dx, flips)`` of a batch."""
         if self.rotation:
-            raise ValueError(f"with rotation={self.rotation:g} a batch's views are not (dy, dx, flip) views, so the "
+            raise ConfigError(f"with rotation={self.rotation:g} a batch's views are not (dy, dx, flip) views, so the "
                              "teacher-logit cache cannot serve them: set train.teacher_cache: false")
         return self._batch(epoch, index)
 

@@ -32,6 +32,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from deepkd.errors import DataError, MissingFileError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IN_MEMORY_BYTES = 4 << 30  # "auto": decode once into memory when the uint8 training set fits this
@@ -42,13 +44,13 @@ def scan(folder: Path) -> Tuple[List[Tuple[str, int]], List[str]]:
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist (expected one sub-folder of images "
+        raise MissingFileError(f"image folder {str(folder)!r} does not exist (expected one sub-folder of images "
                                 "per class)")
     try:
         classes, index = find_classes(str(folder))
         samples = make_dataset(str(folder), index, extensions=IMG_EXTENSIONS)
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{folder}: {err}") from None
+        raise MissingFileError(f"{folder}: {err}") from None
     return samples, classes
 
 
@@ -89,7 +91,7 @@ def decode(path: str) -> torch.Tensor:
     except (RuntimeError, OSError, ValueError) as err:
         # torchvision prefixes the decoder's reason with its C++ function and source location
         reason = re.sub(r"^.*\.cpp:\d+,\s*", "", (str(err).splitlines() or [type(err).__name__])[0])[:120]
-        raise ValueError(f"cannot decode image {path!r} ({reason}): delete or replace the file") from None
+        raise DataError(f"cannot decode image {path!r} ({reason}): delete or replace the file") from None
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -102,10 +104,10 @@ def _one_sentence_errors(loader):
     try:
         yield from loader
     except ValueError as err:
-        found = re.search(r"^ValueError: (cannot decode image .*)$", str(err), re.M)
+        found = re.search(r"^[\w.]*Error: (cannot decode image .*)$", str(err), re.M)
         if found is None:
             raise
-        raise ValueError(found.group(1)) from None
+        raise DataError(found.group(1)) from None
 
 
 class ImageFolderDataset(Dataset):
@@ -224,6 +226,6 @@ def split_samples(root: Path, train_folder: str, val_folder: str):
     if val_classes != classes:
         only_train = sorted(set(classes) - set(val_classes))[:3]
         only_val = sorted(set(val_classes) - set(classes))[:3]
-        raise ValueError(f"{root / val_folder} and {root / train_folder} hold different class folders "
+        raise DataError(f"{root / val_folder} and {root / train_folder} hold different class folders "
                          f"({len(val_classes)} vs {len(classes)}; only in train: {only_train}, only in val: {only_val})")
     return train_samples, val_samples, classes

@@ -33,6 +33,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from deepkd.errors import DataError, MissingFileError
 from deepkd.data.cifar import default_root, fetch_archive
 
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -71,7 +72,7 @@ def prepare(root: Optional[str | Path] = None, *, download: bool = True, url: st
     with zipfile.ZipFile(archive) as handle:
         handle.extractall(staging)  # zipfile drops absolute paths and ".." components
     if not _complete(staging / FOLDER):
-        raise ValueError(f"{archive} does not contain {FOLDER}/wnids.txt, train/ and val/: delete it and "
+        raise DataError(f"{archive} does not contain {FOLDER}/wnids.txt, train/ and val/: delete it and "
                          "download it again")
     (staging / FOLDER).replace(root / FOLDER)
     shutil.rmtree(staging, ignore_errors=True)
@@ -83,7 +84,7 @@ def read_wnids(folder: Path) -> List[str]:
     path = Path(folder) / "wnids.txt"
     wnids = sorted({line.strip() for line in path.read_text().splitlines() if line.strip()})
     if not wnids:
-        raise ValueError(f"{path} lists no classes: re-extract {ARCHIVE}")
+        raise DataError(f"{path} lists no classes: re-extract {ARCHIVE}")
     return wnids
 
 
@@ -99,7 +100,7 @@ def _class_folders(directory: Path, wnids: List[str]) -> Tuple[List[Path], List[
     files, labels = [], []
     for label, wnid in enumerate(wnids):
         if not (directory / wnid).is_dir():
-            raise FileNotFoundError(f"{directory / wnid} is missing (class {wnid} of wnids.txt): re-extract {ARCHIVE}")
+            raise MissingFileError(f"{directory / wnid} is missing (class {wnid} of wnids.txt): re-extract {ARCHIVE}")
         found = _images_under(directory / wnid)
         files += found
         labels += [label] * len(found)
@@ -115,7 +116,7 @@ def _annotated_val(val: Path, wnids: List[str]) -> Tuple[List[Path], List[int]]:
             continue
         name, wnid = line.split("\t")[:2]
         if wnid not in index:
-            raise ValueError(f"{path} line {number} names class {wnid!r}, which is not in wnids.txt")
+            raise DataError(f"{path} line {number} names class {wnid!r}, which is not in wnids.txt")
         pairs.append((index[wnid], name))
     pairs.sort()  # ImageFolder's order over the val set re-arranged into class folders
     return [val / "images" / name for _, name in pairs], [label for label, _ in pairs]
@@ -128,7 +129,7 @@ def list_split(folder: Path, split: str) -> Tuple[List[Path], List[int]]:
     if split == "train":
         return _class_folders(folder / "train", wnids)
     if split != "val":
-        raise ValueError(f"unknown Tiny-ImageNet split {split!r}: choose train or val")
+        raise DataError(f"unknown Tiny-ImageNet split {split!r}: choose train or val")
     if (folder / "val" / "val_annotations.txt").is_file() and (folder / "val" / "images").is_dir():
         return _annotated_val(folder / "val", wnids)
     return _class_folders(folder / "val", wnids)
@@ -141,9 +142,9 @@ def decode(path: Path) -> torch.Tensor:
     try:
         image = decode_image(torch.from_numpy(np.fromfile(path, dtype=np.uint8)), mode=ImageReadMode.RGB)
     except (OSError, RuntimeError, ValueError) as err:
-        raise ValueError(f"{path} cannot be read as an image ({err}): replace it from {ARCHIVE}") from None
+        raise DataError(f"{path} cannot be read as an image ({err}): replace it from {ARCHIVE}") from None
     if tuple(image.shape) != (3, SIZE, SIZE):
-        raise ValueError(f"{path} is {tuple(image.shape[1:])} pixels, not {SIZE}x{SIZE}: replace it from {ARCHIVE}")
+        raise DataError(f"{path} is {tuple(image.shape[1:])} pixels, not {SIZE}x{SIZE}: replace it from {ARCHIVE}")
     return image
 
 

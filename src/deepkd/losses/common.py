@@ -9,7 +9,9 @@ from deepkd.losses import functional as F
 
 # Defaults of the DTM arguments, shared by every method that offers the mask (METHODS.md 4.2).
 TOPK_START_FRACTION = 0.05
-TOPK_RAMP_END = 150  # CIFAR-100's first LR decay; the trainer passes the recipe's own
+# No ramp end fits every schedule (deepkd's choice is the first LR decay: 150 of CIFAR-100's 240
+# epochs): a method with the mask on needs it stated, so the default is None.
+TOPK_RAMP_END = None
 
 
 def check_positive(name: str, value: float) -> None:
@@ -29,13 +31,17 @@ class DynamicTopK:
 
     ``k(epoch, C)`` follows :func:`deepkd.losses.functional.dtm_k`; ``keep(...)`` returns the bool
     ``[..., C]`` mask of kept non-target classes, or None when the mask is off or K covers all.
-    ``ramp_start`` None means ``warmup_epochs`` (deepkd's choice, the paper publishes none).
+    ``ramp_start`` None means ``warmup_epochs`` (deepkd's choice, the paper publishes none);
+    ``ramp_end`` must be given when the mask is on (the paper publishes none either).
     """
 
     def __init__(self, *, enabled: bool, start_fraction: float, ramp_start: Optional[int],
-                 ramp_end: int, count_target: bool, warmup_epochs: float):
+                 ramp_end: Optional[int], count_target: bool, warmup_epochs: float):
         if enabled and not 0 < start_fraction <= 1:
             raise ValueError(f"topk_start_fraction must be in (0, 1], got {start_fraction}")
+        if enabled and ramp_end is None:
+            raise ValueError("topk_ramp_end must be set when topk is on: the epoch from which NCKD keeps every "
+                             "class (deepkd's choice: the first LR decay)")
         self.enabled = enabled
         self.start_fraction = start_fraction
         self.ramp_start = int(warmup_epochs) if ramp_start is None else ramp_start

@@ -47,7 +47,7 @@ class DeepKDKD(Method):
     def __init__(self, *, temperature: float = 4.0, ce_weight: float = 0.1, warmup_epochs: int = 0,
                  per_sample_weight: bool = False, topk: bool = False,
                  topk_start_fraction: float = TOPK_START_FRACTION,
-                 topk_ramp_start: Optional[int] = None, topk_ramp_end: int = TOPK_RAMP_END,
+                 topk_ramp_start: Optional[int] = None, topk_ramp_end: Optional[int] = TOPK_RAMP_END,
                  topk_count_target: bool = False, ignore_index: int = -100):
         super().__init__()
         check_positive("temperature", temperature)
@@ -85,11 +85,10 @@ _BASES = {"kd": "deepkd_kd", "dkd": "deepkd_dkd", "dtkd": "deepkd_dtkd"}
 
 
 @register_method("deepkd")
-def deepkd(*, base: str = "dkd", topk_ramp_end: Optional[int] = None, **arguments: Any) -> Method:
+def deepkd(*, base: str = "dkd", **arguments: Any) -> Method:
     """DeepKD on ``base`` ("kd", "dkd" or "dtkd"): builds ``deepkd_<base>`` with ``arguments``.
 
-    The defaults are those of the chosen base's builder. ``topk_ramp_end`` is named here so the
-    trainer can pass its first LR decay; None keeps the base's default.
+    The defaults are those of the chosen base's builder.
     """
     if base not in _BASES:
         raise ValueError(f"deepkd base must be one of {sorted(_BASES)}, got {base!r}")
@@ -100,6 +99,4 @@ def deepkd(*, base: str = "dkd", topk_ramp_end: Optional[int] = None, **argument
             hint = closest(key, list(accepted))
             near = f"; did you mean {hint[0]!r}?" if hint else ""
             raise ValueError(f"deepkd with base {base!r} has no argument {key!r}{near}")
-    if topk_ramp_end is not None:
-        arguments["topk_ramp_end"] = topk_ramp_end
     return METHODS.build(name, **arguments)

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
+from deepkd.errors import MissingFileError, UnknownNameError, WeightsError
 from deepkd.models.registry import register_model
 from deepkd.models.weights import extract_state_dict, load_weights, read_weights
 
@@ -63,7 +64,7 @@ def create_external(name: str, num_classes: int) -> nn.Module:
 
         arch = name[len(TIMM):]
         if not timm.is_model(arch):
-            raise KeyError(f"unknown timm model {arch!r} (list them with: deepkd list models 'timm/{arch[:4]}*')")
+            raise UnknownNameError(f"unknown timm model {arch!r} (list them with: deepkd list models 'timm/{arch[:4]}*')")
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
         model.timm_name = arch
         return model
@@ -71,7 +72,7 @@ def create_external(name: str, num_classes: int) -> nn.Module:
 
     arch = name[len(TORCHVISION):]
     if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise KeyError(f"unknown torchvision classification model {arch!r} (deepkd list models 'torchvision/*')")
+        raise UnknownNameError(f"unknown torchvision classification model {arch!r} (deepkd list models 'torchvision/*')")
     return _torchvision_builder(arch)(num_classes)
 
 
@@ -120,21 +121,21 @@ def load_pretrained(model: nn.Module, source: str, *, reset_head: bool = False, 
         state = _torchvision_state(model, source[len("torchvision:"):])
     else:
         if not Path(source).is_file():
-            raise FileNotFoundError(f"{role}.weights: file {source!r} does not exist")
+            raise MissingFileError(f"{role}.weights: file {source!r} does not exist")
         state = extract_state_dict(read_weights(Path(source)), source)
     head = _head_keys(model)
     own = model.state_dict()
     mismatched = [k for k in head if k in state and state[k].shape != own[k].shape]
     if mismatched and not reset_head:
         classes = state[mismatched[0]].shape[0]
-        raise ValueError(f"{role}.weights {source!r} has a {classes}-class classifier but the {role} is built for "
+        raise WeightsError(f"{role}.weights {source!r} has a {classes}-class classifier but the {role} is built for "
                          f"{own[mismatched[0]].shape[0]} classes (the data's class count): use a {role} trained on "
                          "this data")
     if mismatched:
         state = {k: v for k, v in state.items() if k not in head}
         missing = [k for k in own if k not in state and k not in head]
         if missing:
-            raise ValueError(f"{role}.weights {source!r} lacks {len(missing)} non-classifier keys (first: {missing[0]})")
+            raise WeightsError(f"{role}.weights {source!r} lacks {len(missing)} non-classifier keys (first: {missing[0]})")
         return load_weights(model, state, strict=False, name=f"{role}.weights {source!r}")
     return load_weights(model, state, name=f"{role}.weights {source!r}")
 
@@ -153,18 +154,18 @@ def _torchvision_state(model: nn.Module, enum: str) -> Dict[str, torch.Tensor]:
 
     tv_name = getattr(model, "torchvision_name", None)
     if tv_name is None:
-        raise ValueError(f"weights 'torchvision:{enum}' need a torchvision model (resnet18/34/50, "
+        raise WeightsError(f"weights 'torchvision:{enum}' need a torchvision model (resnet18/34/50, "
                          f"mobilenetv2_imagenet or torchvision/<name>), not {getattr(model, 'deepkd_name', model)!r}")
     choices = get_model_weights(tv_name)
     if enum.split(".")[-1] not in choices.__members__:
-        raise ValueError(f"torchvision has no weights {enum!r} for {tv_name} (choose from "
+        raise WeightsError(f"torchvision has no weights {enum!r} for {tv_name} (choose from "
                          f"{', '.join(choices.__members__)})")
     weights = choices[enum.split(".")[-1]]
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
     except OSError as err:  # urllib's URLError is an OSError
         target = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        raise FileNotFoundError(f"could not download torchvision weights {weights} from {weights.url} ({err}): "
+        raise MissingFileError(f"could not download torchvision weights {weights} from {weights.url} ({err}): "
                                 f"put that file at {target}, or set weights to a local file") from None
 
 
@@ -178,7 +179,7 @@ def _timm_pretrained_cfg(arch: str, tag: str):
     except RuntimeError:  # timm: "Invalid pretrained tag"
         cfg = None
     if cfg is None:
-        raise ValueError(f"timm has no pretrained weights {arch}.{tag} (choose from "
+        raise WeightsError(f"timm has no pretrained weights {arch}.{tag} (choose from "
                          f"{', '.join(timm.list_pretrained(arch + '.*')) or 'none'})")
     return cfg
 
@@ -188,16 +189,16 @@ def _load_timm(model: nn.Module, tag: str, *, reset_head: bool, role: str) -> nn
 
     arch = getattr(model, "timm_name", None)
     if arch is None:
-        raise ValueError(f"{role}.weights 'timm:{tag}' need a timm/<name> model")
+        raise WeightsError(f"{role}.weights 'timm:{tag}' need a timm/<name> model")
     cfg = _timm_pretrained_cfg(arch, tag)
     classes = model.num_classes
     if classes != cfg.num_classes and not reset_head:
-        raise ValueError(f"{role} timm/{arch} has {classes} classes but the weights timm:{cfg.tag} have "
+        raise WeightsError(f"{role} timm/{arch} has {classes} classes but the weights timm:{cfg.tag} have "
                          f"{cfg.num_classes}: train it on your data first and set {role}.weights to that checkpoint")
     try:
         timm_load_pretrained(model, pretrained_cfg=cfg.to_dict(), num_classes=classes)
     except OSError as err:  # huggingface_hub: LocalEntryNotFoundError (offline, not cached) is an OSError
-        raise FileNotFoundError(f"could not fetch timm weights {arch}.{cfg.tag} from the Hugging Face hub "
+        raise MissingFileError(f"could not fetch timm weights {arch}.{cfg.tag} from the Hugging Face hub "
                                 f"({type(err).__name__}): go online once (they are cached in $HF_HOME), or "
                                 f"download {cfg.hf_hub_id or cfg.url} by hand and set {role}.weights to the file") from err
     return model

@@ -39,6 +39,7 @@ from typing import Optional, Union
 
 import torch
 
+from deepkd.errors import MissingFileError, WeightsError
 from deepkd.data.cifar import default_root, file_digest
 from deepkd.models.registry import create_model, list_models, model_info
 from deepkd.models.weights import load_weights
@@ -83,7 +84,7 @@ def _fetch(url: str, archive: Path) -> None:
             raise OSError(f"got {tmp.stat().st_size} of {expected} bytes")
     except (OSError, ValueError) as err:  # URLError, HTTPError, timeouts are OSError; a bad URL ValueError
         tmp.unlink(missing_ok=True)
-        raise FileNotFoundError(f"could not download {url} ({_reason(err)}): download it by hand and put it at "
+        raise MissingFileError(f"could not download {url} ({_reason(err)}): download it by hand and put it at "
                                 f"{archive}, or run `deepkd download teachers --file <tar>` with a local copy"
                                 ) from None
     tmp.replace(archive)
@@ -98,7 +99,7 @@ def _locate(staging: Path, archive: Path) -> Path:
     for candidate in (staging / FOLDER, staging):
         if _checkpoints(candidate):
             return candidate
-    raise ValueError(f"{archive} holds no {FOLDER}/<name>_vanilla/{CHECKPOINT} file: it is not mdistiller's "
+    raise WeightsError(f"{archive} holds no {FOLDER}/<name>_vanilla/{CHECKPOINT} file: it is not mdistiller's "
                      f"{ARCHIVE}")
 
 
@@ -123,10 +124,10 @@ def _extract(archive: Path, folder: Path) -> None:
                 shutil.rmtree(target)
             entry.replace(target)
     except tarfile.FilterError as err:
-        raise ValueError(f"{archive} holds the member {err.tarinfo.name!r}, which tar's safe 'data' filter "
+        raise WeightsError(f"{archive} holds the member {err.tarinfo.name!r}, which tar's safe 'data' filter "
                          f"refuses ({type(err).__name__}), so nothing was extracted") from None
     except (tarfile.TarError, EOFError) as err:
-        raise ValueError(f"{archive} is not a complete tar archive ({_reason(err)}): delete it and download "
+        raise WeightsError(f"{archive} is not a complete tar archive ({_reason(err)}): delete it and download "
                          f"{TEACHERS_URL} again") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -138,12 +139,12 @@ def _verify_one(name: str, path: Path, folder: Path) -> dict:
     try:
         load_weights(model, path)
     except ValueError as err:  # load_weights names the file and the keys, shapes or read error
-        raise ValueError(_reason(err)) from None
+        raise WeightsError(_reason(err)) from None
     size = model_info(name).get("input_size", 32)
     with torch.no_grad():
         logits = model.eval()(torch.zeros(2, 3, size, size))
     if logits.shape != (2, 100) or not torch.isfinite(logits).all():
-        raise ValueError(f"{path} loads into {name!r} but gives {list(logits.shape)} logits with non-finite "
+        raise WeightsError(f"{path} loads into {name!r} but gives {list(logits.shape)} logits with non-finite "
                          "values on a zero batch, so its weights are corrupt")
     return {"file": str(path.relative_to(folder)), "bytes": path.stat().st_size, "sha256": sha256sum(path),
             "parameters": sum(p.numel() for p in model.parameters())}
@@ -159,7 +160,7 @@ def verify_teachers(folder: PathLike) -> dict:
     folder = Path(folder)
     found = _checkpoints(folder)
     if not found:
-        raise ValueError(f"{folder} holds no <name>_vanilla/{CHECKPOINT} checkpoint to verify")
+        raise WeightsError(f"{folder} holds no <name>_vanilla/{CHECKPOINT} checkpoint to verify")
     known = set(list_models())
     teachers, skipped = {}, {}
     for path in found:
@@ -210,7 +211,7 @@ def download_teachers(root: Optional[PathLike] = None, *, url: str = TEACHERS_UR
     if file is not None:
         archive = Path(file)
         if not archive.is_file():
-            raise FileNotFoundError(f"{archive} does not exist: download {url} and pass its path to --file")
+            raise MissingFileError(f"{archive} does not exist: download {url} and pass its path to --file")
     else:
         archive = folder.parent / ARCHIVE
         if not archive.is_file():
@@ -237,7 +238,7 @@ def find_teacher(name: str, root: Optional[PathLike] = None) -> Optional[Path]:
         found_size = path.stat().st_size
         found = sha256sum(path) if found_size == entry["bytes"] else f"a size of {found_size} bytes"
         if found != entry["sha256"]:
-            raise ValueError(f"{path} has changed since `deepkd download teachers` verified it ({found}, "
+            raise WeightsError(f"{path} has changed since `deepkd download teachers` verified it ({found}, "
                              f"expected sha256 {entry['sha256']}): delete it and run `deepkd download teachers` again")
     return path
 

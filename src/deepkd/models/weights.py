@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepkd.errors import MissingFileError, WeightsError
+
 StateDict = Dict[str, torch.Tensor]
 
 
@@ -42,22 +44,22 @@ def community_checkpoint_globals():
 def read_weights(path: Path) -> object:
     """The loaded object of a weights file (``.safetensors`` or a ``weights_only`` torch pickle)."""
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+        raise MissingFileError(f"weights file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path))
         except Exception as err:  # safetensors raises its own error types
-            raise ValueError(f"{str(path)!r} is not a readable .safetensors file ({err})") from None
+            raise WeightsError(f"{str(path)!r} is not a readable .safetensors file ({err})") from None
     try:
         with community_checkpoint_globals():
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(f"{str(path)!r} needs arbitrary code to load (pickled objects, not only tensors); "
+        raise WeightsError(f"{str(path)!r} needs arbitrary code to load (pickled objects, not only tensors); "
                          f"deepkd loads weights with weights_only=True and refuses it ({str(err).splitlines()[0][:160]})") from None
     except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"{str(path)!r} is corrupt or not a PyTorch checkpoint ({str(err).splitlines()[0][:160]})") from None
+        raise WeightsError(f"{str(path)!r} is corrupt or not a PyTorch checkpoint ({str(err).splitlines()[0][:160]})") from None
 
 
 def extract_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
@@ -67,7 +69,7 @@ def extract_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
     elif isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{source} holds no state_dict (expected a mapping of tensors, a 'model' entry or a "
+        raise WeightsError(f"{source} holds no state_dict (expected a mapping of tensors, a 'model' entry or a "
                          "'state_dict' entry)")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
@@ -102,7 +104,7 @@ def load_weights(model: nn.Module, source: Union[str, Path, Mapping], *, strict:
     problems = _mismatch(model, state, name)
     if problems and strict:
         arch = getattr(model, "deepkd_name", type(model).__name__)
-        raise ValueError(f"{name} does not fit model {arch!r} (wrong architecture or class count?): "
+        raise WeightsError(f"{name} does not fit model {arch!r} (wrong architecture or class count?): "
                          + "; ".join(problems))
     own = model.state_dict()
     model.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape},

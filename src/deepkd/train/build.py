@@ -1,7 +1,6 @@
 """``build_*``: turn config sections into objects (the only place that reads config objects)."""
 from __future__ import annotations
 
-import inspect
 import math
 from pathlib import Path
 from typing import Callable, Optional
@@ -10,8 +9,9 @@ import torch
 from torch import nn
 
 from deepkd.data import FolderOptions, build_data
+from deepkd.errors import ConfigError, MissingFileError
 from deepkd.losses import Method
-from deepkd.losses.registry import METHODS, build_method as _build_method
+from deepkd.losses.registry import build_method as _build_method
 from deepkd.models import create_model, load_pretrained
 from deepkd.models.ecosystem import data_config
 from deepkd.models.teachers import find_teacher, missing_teacher_message
@@ -25,7 +25,7 @@ def build_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine")
+        raise ConfigError(f"train.device={name!r} but CUDA is not available on this machine")
     return device
 
 
@@ -75,14 +75,14 @@ def build_teacher(cfg: Optional[ModelConfig], method: Method, num_classes: int,
     if not method.needs_teacher:
         return None
     if cfg is None:
-        raise ValueError("this method distils from a teacher: add a teacher section (name and weights)")
+        raise ConfigError("this method distils from a teacher: add a teacher section (name and weights)")
     if not cfg.weights:
         if dataset != "cifar100":
-            raise ValueError("teacher.weights is not set: point it at a trained teacher checkpoint, e.g. "
+            raise ConfigError("teacher.weights is not set: point it at a trained teacher checkpoint, e.g. "
                              "runs/<teacher experiment>/seed0/best.pt")
         found = find_teacher(cfg.name)
         if found is None:
-            raise FileNotFoundError(missing_teacher_message(cfg.name))
+            raise MissingFileError(missing_teacher_message(cfg.name))
         cfg = cfg.model_copy(update={"weights": str(found)})
     teacher = build_model(cfg, num_classes, "teacher")
     teacher.eval()
@@ -91,13 +91,12 @@ def build_teacher(cfg: Optional[ModelConfig], method: Method, num_classes: int,
     return teacher
 
 
-def build_method(cfg: MethodConfig, schedule: ScheduleConfig) -> Method:
-    """The loss module; a DTM ramp ends by default at the first LR decay (deepkd's choice)."""
-    arguments = cfg.arguments()
-    params = inspect.signature(METHODS.get(cfg.name)).parameters
-    if "topk_ramp_end" in params and "topk_ramp_end" not in arguments and schedule.milestones:
-        arguments["topk_ramp_end"] = min(schedule.milestones)
-    return _build_method(cfg.name, **arguments)
+def build_method(cfg: MethodConfig, schedule: Optional[ScheduleConfig] = None) -> Method:
+    """The loss module from the method section alone (a DTM ramp end is the recipe's ``topk_ramp_end``).
+
+    ``schedule`` is not read: it is accepted only until ``loop.py`` stops passing it.
+    """
+    return _build_method(cfg.name, **cfg.arguments())
 
 
 def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -131,7 +130,7 @@ def build_teacher_cache(cfg: RunConfig, teacher: nn.Module, loader, ctx):
     from deepkd.data.teacher_cache import TeacherLogitCache
 
     if not isinstance(loader, DeviceLoader) or loader.rotation:
-        raise ValueError("train.teacher_cache needs the device-resident loader with crop/flip views only (cifar10, "
+        raise ConfigError("train.teacher_cache needs the device-resident loader with crop/flip views only (cifar10, "
                          "cifar100, synthetic, or an in-memory image folder); set train.teacher_cache: false")
     weights = Path(cfg.teacher.weights or find_teacher(cfg.teacher.name) or "")
     digest = hashlib.sha256(weights.read_bytes() if weights.is_file() else str(weights).encode())

@@ -1,56 +1,89 @@
 """Strict run configuration: pydantic models, YAML recipes and ``key=value`` overrides.
 
 Every section forbids unknown keys; a misspelled key at any depth is one error that names the
-closest valid key. Method arguments are checked against the method builder's signature, so the
-defaults live in one place (the function signature), not here.
+closest valid key. No key is silently ignored: ``optimizer`` and ``schedule`` are one model per
+``name`` (a key of another choice is an error naming the choice that uses it), ``data`` rejects the
+keys its ``dataset`` does not read, method arguments are checked against the method builder's
+signature, and a teacher section for a method without a teacher is an error.
+
+Defaults live in one place, the builders' signatures (the method builders,
+:class:`deepkd.optim.DecoupledMomentumSGD`, :func:`deepkd.optim.step_lr`,
+:func:`deepkd.optim.cosine_lr`, :func:`deepkd.data.build_data`): the schema reads them from there.
+It states only what no builder offers: ``lr``, ``epochs`` and ``milestones`` (CIFAR's 240-epoch
+recipe) and plain SGD's settings (torch's own defaults are not the recipes').
 """
 from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Union
+from typing import Annotated, Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
+from deepkd.data import build_data
+from deepkd.errors import ConfigError
+from deepkd.optim import DecoupledMomentumSGD, cosine_lr, step_lr
+from deepkd.provenance import provenance
 from deepkd.registry import closest
 
+__all__ = ["ConfigError", "RunConfig", "check_resume", "config_to_dict", "load_config", "save_config",
+           "validate_config"]
 
-class ConfigError(ValueError):
-    """A recipe or override that does not fit the schema (one sentence per problem)."""
+
+def _default(builder: Callable, name: str) -> Any:
+    """The default of ``builder``'s argument ``name``: the one place where it is stated."""
+    return inspect.signature(builder).parameters[name].default
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _choice(default: str, *models: type) -> Any:
+    """A section whose ``name`` picks one of ``models`` (``default`` when the recipe names none)."""
+
+    def tag(value: Any) -> str:
+        return value.get("name", default) if isinstance(value, dict) else getattr(value, "name", default)
+
+    variants = tuple(Annotated[m, Tag(m.model_fields["name"].default)] for m in models)
+    return Annotated[Union[variants], Discriminator(tag)]
+
+
+# -- data ---------------------------------------------------------------------------------------------
 class SyntheticConfig(_Strict):
     """The offline synthetic set (``data.dataset: synthetic``)."""
 
-    num_train: int = 10000
-    num_test: int = 2000
-    seed: int = 0
-    noise: float = 1.5
+    num_train: int = Field(_default(build_data, "synthetic_train"), gt=0)
+    num_test: int = Field(_default(build_data, "synthetic_test"), gt=0)
+    seed: int = _default(build_data, "synthetic_seed")
+    noise: float = _default(build_data, "synthetic_noise")
 
 
 FOLDER_KEYS = ("train_folder", "val_folder", "image_size", "resize", "crop", "interpolation", "mean", "std",
                "in_memory")
+COMMON_DATA_KEYS = ("dataset", "batch_size", "eval_batch_size", "drop_last", "flip")
+DATASET_KEYS = {  # the data keys each dataset reads besides COMMON_DATA_KEYS
+    "cifar100": ("root", "download"), "cifar10": ("root", "download"), "tinyimagenet": ("root", "download"),
+    "imagenet": ("root", "num_workers", *FOLDER_KEYS), "imagefolder": ("root", "num_workers", *FOLDER_KEYS),
+    "synthetic": ("synthetic",),
+}
 
 
 class DataConfig(_Strict):
-    """The dataset and its loaders. Image-folder keys left unset (null) take the teacher's (else the
-    student's) timm pretrained data config, then the defaults of :class:`deepkd.data.FolderOptions`."""
+    """The dataset and its loaders; a key the dataset does not read is an error. Image-folder keys
+    left unset (null) take the teacher's (else the student's) timm pretrained data config, then the
+    defaults of :class:`deepkd.data.FolderOptions`. ``eval_batch_size`` null: ``batch_size``."""
 
-    dataset: Literal["cifar100", "cifar10", "tinyimagenet", "imagenet", "imagefolder", "synthetic"] = "cifar100"
+    dataset: Literal[tuple(DATASET_KEYS)] = "cifar100"
     root: Optional[str] = None
-    download: bool = True
-    batch_size: int = Field(64, gt=0)
-    eval_batch_size: int = Field(256, gt=0)
-    num_workers: int = Field(2, ge=0)
-    drop_last: bool = False
-    flip: bool = True
+    download: bool = _default(build_data, "download")
+    batch_size: int = Field(_default(build_data, "batch_size"), gt=0)
+    eval_batch_size: Optional[int] = Field(_default(build_data, "eval_batch_size"), gt=0)
+    num_workers: int = Field(_default(build_data, "num_workers"), ge=0)
+    drop_last: bool = _default(build_data, "drop_last")
+    flip: bool = _default(build_data, "flip")
     synthetic: SyntheticConfig = SyntheticConfig()
-    # image folders (imagenet, imagefolder) only
     train_folder: Optional[str] = None
     val_folder: Optional[str] = None
     image_size: Optional[int] = Field(None, gt=0)
@@ -61,12 +94,17 @@ class DataConfig(_Strict):
     std: Optional[List[float]] = None
     in_memory: Optional[Literal["auto", "on", "off"]] = None
 
+    def used_keys(self) -> Tuple[str, ...]:
+        """The keys this dataset reads (the ones a resolved config writes out)."""
+        return COMMON_DATA_KEYS + DATASET_KEYS[self.dataset]
+
     @model_validator(mode="after")
     def _check_used(self) -> "DataConfig":
-        unused = [k for k in FOLDER_KEYS if getattr(self, k) is not None]
-        if unused and self.dataset not in ("imagenet", "imagefolder"):
-            raise ValueError(f"dataset {self.dataset!r} does not use data.{unused[0]} (image-folder datasets only: "
-                             "imagenet, imagefolder)")
+        unused = [k for k in type(self).model_fields if k in self.model_fields_set and k not in self.used_keys()]
+        if unused:
+            users = {k: ", ".join(d for d, keys in DATASET_KEYS.items() if k in keys) for k in unused}
+            raise ValueError(f"dataset {self.dataset!r} does not use "
+                             + ", ".join(f"data.{k} (only {users[k]})" for k in unused))
         if (self.mean == "auto") != (self.std is None) and self.mean is not None:
             raise ValueError("mean: auto measures std too (leave std unset); a list of means needs a list of stds")
         if self.std is not None and self.mean is None:
@@ -79,21 +117,45 @@ class ModelConfig(_Strict):
     weights: Optional[str] = None
 
 
+# -- method -------------------------------------------------------------------------------------------
+def _method_builder(name: str) -> Callable:
+    from deepkd.losses import registry
+
+    try:
+        return registry.METHODS.get(name)
+    except KeyError as err:
+        raise ValueError(str(err).strip('"')) from None
+
+
+def method_needs_teacher(name: str) -> bool:
+    """Registry metadata ``needs_teacher``, else the Method class attribute (a builder function: True)."""
+    from deepkd.losses import registry
+
+    builder = _method_builder(name)
+    return registry.METHODS.info(name).get("needs_teacher", getattr(builder, "needs_teacher", True))
+
+
+def is_deepkd_method(name: str) -> bool:
+    """A DeepKD method: registered with its ``base`` method, or taking the base as an argument."""
+    from deepkd.losses import registry
+
+    return "base" in registry.METHODS.info(name) or "base" in inspect.signature(_method_builder(name)).parameters
+
+
 class MethodConfig(BaseModel):
-    """``name`` plus the method's own keyword arguments, checked against its builder signature."""
+    """``name`` plus the method's own keyword arguments, checked against its builder signature.
+
+    The dynamic top-k mask's ``topk_*`` arguments need ``topk: true``, and ``topk: true`` needs an
+    explicit ``topk_ramp_end`` (the epoch from which NCKD keeps every class; no default fits every
+    schedule).
+    """
 
     model_config = ConfigDict(extra="allow")
     name: str = "ce"
 
     @model_validator(mode="after")
     def _check_arguments(self) -> "MethodConfig":
-        from deepkd.losses import registry as method_registry
-
-        try:
-            builder = method_registry.METHODS.get(self.name)
-        except KeyError as err:
-            raise ValueError(str(err).strip('"')) from None
-        params = inspect.signature(builder).parameters
+        params = inspect.signature(_method_builder(self.name)).parameters
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         valid = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD]
         for key in self.arguments():
@@ -101,39 +163,94 @@ class MethodConfig(BaseModel):
                 hint = closest(key, valid + ["name"])
                 near = f"; did you mean {hint[0]!r}?" if hint else ""
                 raise ValueError(f"method {self.name!r} has no argument {key!r}{near}")
+        self._check_topk()
         return self
+
+    def _check_topk(self) -> None:
+        arguments, defaults = self.arguments(), _signature_defaults(self.name)
+        if arguments.get("topk"):
+            if arguments.get("topk_ramp_end") is None:
+                raise ValueError("topk is on but topk_ramp_end is not set: give the epoch from which "
+                                 "NCKD keeps every class (deepkd's choice: the first LR decay, e.g. 150 on CIFAR-100)")
+            return
+        ramp = [k for k in arguments if k.startswith("topk_") and arguments[k] != defaults.get(k)]
+        if ramp:
+            raise ValueError(f"{ramp[0]} is set but topk is off: set method.topk: true or remove it")
 
     def arguments(self) -> Dict[str, Any]:
         """The keyword arguments passed to the method builder."""
         return dict(self.model_extra or {})
 
+    def resolved_arguments(self) -> Dict[str, Any]:
+        """The builder's named arguments with their signature defaults, overridden by the recipe's."""
+        return {**_signature_defaults(self.name), **self.arguments()}
 
-class OptimizerConfig(_Strict):
-    """``sgd``: torch.optim.SGD on the summed loss; ``decoupled``: one momentum per stream."""
 
-    name: Literal["sgd", "decoupled"] = "sgd"
-    lr: float = Field(0.05, gt=0)
+def _signature_defaults(name: str) -> Dict[str, Any]:
+    params = inspect.signature(_method_builder(name)).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+# -- optimizer and schedule ---------------------------------------------------------------------------
+LR = 0.05  # the CIFAR recipes' learning rate: neither optimizer's signature has a usable default
+EPOCHS = 240  # CIFAR's 240-epoch recipe: the schedules take ``epochs`` without a default
+Stream = Literal["task", "target", "non_target"]
+
+
+class SGDConfig(_Strict):
+    """``sgd``: torch.optim.SGD on the summed loss.
+
+    A DeepKD method (``deepkd_*``) under plain SGD sums its three streams under one momentum, which
+    is its base method (``deepkd_dkd`` trains DKD). That is an error unless ``allow_base_method:
+    true`` says it is on purpose (e.g. the base-method row of an ablation); set on any other method
+    it is an error too, since it would do nothing.
+    """
+
+    name: Literal["sgd"] = "sgd"
+    lr: float = Field(LR, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
-    stream_momentum: Dict[Literal["task", "target", "non_target"], float] = {
-        "task": 0.825, "target": 0.825, "non_target": 0.95}
     weight_decay: float = Field(5e-4, ge=0)
-    weight_decay_stream: Literal["task", "target", "non_target"] = "target"
     nesterov: bool = False
-    merge_equal: bool = True
+    allow_base_method: bool = False
 
 
-class ScheduleConfig(_Strict):
-    """``step``: lr * gamma^(#milestones < epoch); ``cosine``: linear warm-up then cosine to min_lr."""
+class DecoupledConfig(_Strict):
+    """``decoupled``: :class:`deepkd.optim.DecoupledMomentumSGD`, one momentum per gradient stream.
+    A stream's steady-state step is ``lr / (1 - m)`` (x20 at m = 0.95, x5.7 at 0.825)."""
 
-    name: Literal["step", "cosine"] = "step"
-    epochs: int = Field(240, gt=0)
+    name: Literal["decoupled"] = "decoupled"
+    lr: float = Field(LR, gt=0)
+    stream_momentum: Dict[Stream, float] = Field(
+        default_factory=lambda: dict(_default(DecoupledMomentumSGD, "momentum")))
+    weight_decay: float = Field(_default(DecoupledMomentumSGD, "weight_decay"), ge=0)
+    weight_decay_stream: Stream = _default(DecoupledMomentumSGD, "weight_decay_stream")
+    merge_equal: bool = _default(DecoupledMomentumSGD, "merge_equal")
+
+
+class StepScheduleConfig(_Strict):
+    """``step``: ``lr * gamma ** #(milestones < epoch)`` (:func:`deepkd.optim.step_lr`)."""
+
+    name: Literal["step"] = "step"
+    epochs: int = Field(EPOCHS, gt=0)
     milestones: List[int] = [150, 180, 210]
-    gamma: float = 0.1
-    warmup_epochs: int = 0
-    warmup_start_factor: float = 0.1
-    min_lr: float = 0.0
+    gamma: float = _default(step_lr, "gamma")
 
 
+class CosineScheduleConfig(_Strict):
+    """``cosine``: linear warm-up, then cosine to ``min_lr`` (:func:`deepkd.optim.cosine_lr`)."""
+
+    name: Literal["cosine"] = "cosine"
+    epochs: int = Field(EPOCHS, gt=0)
+    warmup_epochs: int = Field(_default(cosine_lr, "warmup_epochs"), ge=0)
+    warmup_start_factor: float = _default(cosine_lr, "warmup_start_factor")
+    min_lr: float = _default(cosine_lr, "min_lr")
+
+
+OptimizerConfig = _choice("sgd", SGDConfig, DecoupledConfig)
+ScheduleConfig = _choice("step", StepScheduleConfig, CosineScheduleConfig)
+
+
+# -- the run ------------------------------------------------------------------------------------------
 class TrainConfig(_Strict):
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -148,6 +265,7 @@ class TrainConfig(_Strict):
     wandb: bool = False
     wandb_project: str = "deepkd"
     stop_after_steps: int = Field(0, ge=0)
+    checkpoint_every: int = Field(0, ge=0)  # steps between mid-epoch last.pt saves; 0: epoch ends and stops only
     teacher_cache: bool = False
     teacher_cache_dtype: Literal["bf16", "fp32"] = "bf16"
 
@@ -162,35 +280,71 @@ class RunConfig(_Strict):
     student: ModelConfig
     teacher: Optional[ModelConfig] = None
     method: MethodConfig = MethodConfig()
-    optimizer: OptimizerConfig = OptimizerConfig()
-    schedule: ScheduleConfig = ScheduleConfig()
+    optimizer: OptimizerConfig = SGDConfig()
+    schedule: ScheduleConfig = StepScheduleConfig()
     train: TrainConfig = TrainConfig()
 
+    @model_validator(mode="after")
+    def _check_sections(self) -> "RunConfig":
+        method = self.method.name
+        if self.teacher is not None and not method_needs_teacher(method):
+            raise ValueError(f"the teacher section is not used by method {method!r} (it trains without a teacher): "
+                             "remove it or choose a distillation method")
+        if self.optimizer.name == "sgd" and is_deepkd_method(method) != self.optimizer.allow_base_method:
+            if self.optimizer.allow_base_method:
+                raise ValueError(f"optimizer.allow_base_method is only for a DeepKD method under sgd, not {method!r}")
+            raise ValueError(f"method {method!r} under optimizer 'sgd' shares one momentum between its streams, which "
+                             "trains its base method: set optimizer.name: decoupled (DeepKD), or "
+                             "optimizer.allow_base_method: true to train the base method on purpose")
+        return self
 
-def _fields_at(loc: Sequence[Any]) -> List[str]:
-    """Valid key names of the section addressed by a pydantic error location."""
-    model: Any = RunConfig
-    for part in loc:
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        annotation = field.annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if model is None:
-            return []
-    return list(model.model_fields)
+
+# -- errors -------------------------------------------------------------------------------------------
+def _models(annotation: Any) -> Dict[str, type]:
+    """``{tag or class name: model}`` of the models a field may hold (a model, an optional one, a tagged union)."""
+    found: Dict[str, type] = {}
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        tags = [m.tag for m in getattr(candidate, "__metadata__", ()) if isinstance(m, Tag)]
+        inner = candidate.__origin__ if tags else candidate
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            found[tags[0] if tags else inner.__name__] = inner
+    return found
+
+
+def _walk(loc: Sequence[Any]) -> Tuple[List[str], Dict[str, type], Optional[str]]:
+    """An error location as (key path without union tags, the choices of its last section, their tag)."""
+    path: List[str] = []
+    choices, tag = _models(RunConfig), None
+    parts = [str(p) for p in loc]
+    while parts:
+        part = parts.pop(0)
+        path.append(part)
+        model = choices[tag] if tag in choices else next(iter(choices.values()))
+        field = model.model_fields.get(part)
+        if field is None or not _models(field.annotation):
+            return path + parts, choices, tag
+        choices = _models(field.annotation)
+        tag = parts.pop(0) if len(choices) > 1 and parts else None
+    return path, choices, tag
 
 
 def _describe(error: Dict[str, Any]) -> str:
-    loc = [str(p) for p in error["loc"]]
-    where = ".".join(loc) or "<root>"
+    path, choices, tag = _walk(error["loc"])
+    where = ".".join(path)
     if error["type"] == "extra_forbidden":
-        hint = closest(loc[-1], _fields_at(error["loc"][:-1]))
-        near = f"; did you mean {'.'.join(loc[:-1] + [hint[0]])!r}?" if hint else ""
-        return f"unknown key {where!r}{near}"
+        section, key = ".".join(path[:-1]), path[-1]
+        users = [name for name, model in choices.items() if key in model.model_fields]
+        if tag is not None and users:
+            return f"{section} {tag!r} does not use {where} (only {', '.join(map(repr, users))})"
+        fields = (choices[tag] if tag in choices else next(iter(choices.values()))).model_fields
+        hint = closest(key, list(fields))
+        return f"unknown key {where!r}" + (f"; did you mean {'.'.join(path[:-1] + [hint[0]])!r}?" if hint else "")
+    if error["type"] == "union_tag_invalid":
+        hint = closest(str(error["ctx"]["tag"]), list(choices))
+        near = f"; did you mean {hint[0]!r}?" if hint else ""
+        return f"{where}.name {error['ctx']['tag']!r} is not one of {error['ctx']['expected_tags']}{near}"
     message = error["msg"].removeprefix("Value error, ")
-    return f"{where}: {message}"
+    return f"{where}: {message}" if where else message
 
 
 def validate_config(raw: Dict[str, Any], source: str = "config") -> RunConfig:
@@ -202,6 +356,7 @@ def validate_config(raw: Dict[str, Any], source: str = "config") -> RunConfig:
         raise ConfigError(f"{source}: " + "; ".join(lines)) from None
 
 
+# -- recipes and overrides ----------------------------------------------------------------------------
 def parse_override(text: str) -> tuple:
     """``"optimizer.lr=0.1"`` -> ``(["optimizer", "lr"], 0.1)``; the value is parsed as YAML."""
     if "=" not in text:
@@ -225,14 +380,15 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
     return raw
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a YAML recipe (or start empty), apply overrides, validate strictly."""
+def load_config(recipe: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a recipe (a YAML file, or a shipped recipe's name such as ``cifar100/resnet32x4-resnet8x4/dkd``),
+    or start empty; apply overrides; validate strictly."""
+    from deepkd.train.recipes import find_recipe
+
     raw: Dict[str, Any] = {}
     source = "overrides"
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe {str(path)!r} does not exist")
+    if recipe is not None:
+        path = find_recipe(recipe)
         raw = yaml.safe_load(path.read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"recipe {str(path)!r} must hold a mapping at the top level")
@@ -241,11 +397,46 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
 
 
 def config_to_dict(cfg: RunConfig) -> Dict[str, Any]:
-    """Plain nested data (str/int/float/bool/list/dict) for YAML files and checkpoints."""
+    """The resolved config as plain data (str/int/float/bool/list/dict) for YAML files and checkpoints:
+    every key the run reads, with its default written out (method arguments too); none it ignores."""
     data = cfg.model_dump(mode="json")
-    data["method"] = {"name": cfg.method.name, **cfg.method.arguments()}
+    data["data"] = {k: v for k, v in data["data"].items() if k in cfg.data.used_keys()}
+    data["method"] = {"name": cfg.method.name, **cfg.method.resolved_arguments()}
     return data
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """``config.yaml``: the resolved config headed by the code that ran it (``# version:``, ``# commit:``,
+    ``# dirty:`` comment lines), so the file stays a recipe that ``deepkd train`` accepts."""
+    header = "".join(f"# {line}\n" for line in yaml.safe_dump(provenance(), sort_keys=False).splitlines())
+    Path(path).write_text(header + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# -- resume -------------------------------------------------------------------------------------------
+WATCH_KEYS = ("train.progress", "train.log_every", "train.tensorboard", "train.wandb", "train.wandb_project",
+              "train.stop_after_steps", "train.checkpoint_every")  # how a run is watched, not what it computes
+def _flatten(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    flat: Dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _show(flat: Dict[str, Any], key: str) -> str:
+    return repr(flat[key]) if key in flat else "(unset)"
+
+
+def check_resume(stored: Dict[str, Any], cfg: RunConfig, source: str) -> None:
+    """Raise :class:`ConfigError` unless ``cfg`` is the config stored in a checkpoint (``source``) up to
+    the keys in :data:`WATCH_KEYS`; both sides are compared resolved, every default written out."""
+    before = _flatten(config_to_dict(validate_config(stored, source)))
+    after = _flatten(config_to_dict(cfg))
+    keys = list(before) + [k for k in after if k not in before]
+    changed = [k for k in keys if k not in WATCH_KEYS and (k in before, before.get(k)) != (k in after, after.get(k))]
+    if changed:
+        details = ", ".join(f"{k} {_show(before, k)} -> {_show(after, k)}" for k in changed)
+        raise ConfigError(f"--resume would change the run stored in {source}: {details} (only "
+                          f"{', '.join(WATCH_KEYS)} may change; start a new experiment for the rest)")

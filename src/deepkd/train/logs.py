@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, Optional
 
+from deepkd.errors import ConfigError
+
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 GSNR_JSONL = "gsnr.jsonl"
@@ -57,7 +59,7 @@ def _open_tensorboard(run_dir: Path, mode: str):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         if mode == "on":
-            raise RuntimeError("train.tensorboard=on but tensorboard is not installed "
+            raise ConfigError("train.tensorboard=on but tensorboard is not installed "
                                "(pip install 'deepkd[tensorboard]')") from None
         return None
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
@@ -67,7 +69,7 @@ def _open_wandb(run_dir: Path, project: str, config: Optional[Dict[str, Any]]):
     try:
         import wandb
     except ImportError:
-        raise RuntimeError("train.wandb=true but wandb is not installed (pip install 'deepkd[wandb]')") from None
+        raise ConfigError("train.wandb=true but wandb is not installed (pip install 'deepkd[wandb]')") from None
     return wandb.init(project=project, dir=str(run_dir), config=config)
 
 

@@ -5,22 +5,27 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
+from deepkd.errors import RunExistsError
 from deepkd.losses import Method, stream_losses, total_loss
 from deepkd.models import save_weights
 from deepkd.optim import DecoupledMomentumSGD, stream_grads
 from deepkd.train import build
-from deepkd.train.checkpoint import FORMAT, atomic_save, load_checkpoint, rng_state, set_rng_state
+from deepkd.train.checkpoint import (FORMAT, atomic_save, load_checkpoint, remove_stale_temporaries, rng_state,
+                                     set_rng_state)
 from deepkd.train.config import RunConfig, config_to_dict, save_config
 from deepkd.train.distributed import (Dist, all_reduce_sum, average_gradients, broadcast_module,
                                       init_distributed, shutdown_distributed)
+from deepkd.train.lock import acquire_run_lock
 from deepkd.train.logs import MetricsWriter, Progress
 
 
@@ -150,13 +155,34 @@ def _set_lr(run: Run, epoch: int, progress: float) -> float:
     return lr
 
 
-def save_state(run: Run, path: Path, *, epoch: int, batch: int, step: int, meters: Meters, best: float) -> None:
+@dataclass
+class Position:
+    """Where a run stands: what a checkpoint stores besides the weights, optimizer and RNG states."""
+
+    epoch: int = 1  # the epoch in progress, 1-based
+    batch: int = 0  # batches of that epoch already trained
+    step: int = 0  # optimizer steps over the whole run
+    best: float = -1.0  # best test top-1 (%) so far
+    meters: Dict[str, torch.Tensor] = field(default_factory=dict)  # the epoch's partial sums at the last save
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Dict[str, Any]) -> "Position":
+        return cls(**{f.name: ckpt[f.name] for f in fields(cls)})
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def next_epoch(self) -> None:
+        self.epoch, self.batch, self.meters = self.epoch + 1, 0, {}
+
+
+def save_state(run: Run, path: Path, position: Position) -> None:
     """Write a checkpoint atomically (rank 0 only); nothing already on disk is lost on failure."""
     if not run.ctx.is_main:
         return
     state = {"format": FORMAT, "model": run.student.state_dict(), "optimizer": run.optimizer.state_dict(),
-             "epoch": epoch, "batch": batch, "step": step, "topk": run.method.topk(epoch), "best": best,
-             "meters": meters.state(), "rng": rng_state(), "config": config_to_dict(run.cfg)}
+             **position.as_dict(), "topk": run.method.topk(position.epoch), "rng": rng_state(),
+             "config": config_to_dict(run.cfg)}
     atomic_save(state, path)
 
 
@@ -201,65 +227,100 @@ def setup_run(cfg: RunConfig, run_dir: Path) -> Run:
     return run
 
 
-def restore(run: Run, path: Path) -> Dict[str, Any]:
-    """Load ``last.pt`` into the run; returns the position (epoch, batch, step, meters, best)."""
+def restore(run: Run, path: Path) -> Position:
+    """Load ``last.pt`` into the run; returns where it stopped."""
     ckpt = load_checkpoint(path)
     run.student.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     set_rng_state(ckpt["rng"])
-    return ckpt
+    return Position.from_checkpoint(ckpt)
 
 
 def train(cfg: RunConfig, *, resume: bool = False, run_dir: Optional[str | Path] = None) -> Dict[str, Any]:
-    """Train (or resume) one run; returns its summary (also written to ``summary.json``)."""
+    """Train (or resume) one run; returns its summary (also written to ``summary.json``).
+
+    Rank 0 holds the folder's ``run.lock`` (:mod:`deepkd.train.lock`) from before its first write to
+    the end, so a second run into a live run's folder is refused. ``RANK`` (set by torchrun) names
+    rank 0 before the process group exists; a refused rank 0 exits and torchrun stops the others.
+    """
     run_dir = Path(run_dir) if run_dir is not None else run_directory(cfg)
     last = run_dir / "last.pt"
-    if not resume and last.exists():
-        raise FileExistsError(f"run directory {str(run_dir)!r} already holds a checkpoint; "
-                              "pass --resume to continue it or choose another experiment name")
-    run = setup_run(cfg, run_dir)
-    try:
-        return _train_epochs(run, restore(run, last) if resume and last.exists() else None)
-    finally:
-        if run.writer is not None:
-            run.writer.close()
-        shutdown_distributed(run.ctx)
+    main = int(os.environ.get("RANK", "0")) == 0
+    with acquire_run_lock(run_dir) if main else contextlib.nullcontext():
+        if not resume and last.exists():
+            raise RunExistsError(f"run directory {str(run_dir)!r} already holds a checkpoint; "
+                                 "pass --resume to continue it or choose another experiment name")
+        if main:
+            remove_stale_temporaries(run_dir)  # of a writer killed mid-save; the lock says it is gone
+        run = setup_run(cfg, run_dir)
+        try:
+            return _train_epochs(run, restore(run, last) if resume and last.exists() else Position())
+        finally:
+            if run.writer is not None:
+                run.writer.close()
+            shutdown_distributed(run.ctx)
 
 
 class _Interrupt:
-    """Ctrl-C sets a flag; the loop saves after the current step and exits (a second one aborts)."""
+    """Ctrl-C, SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before a kill) set a flag; the
+    loop then saves ``last.pt`` at the current step and returns "stopped" (``deepkd`` exits 0). A
+    second signal aborts at once (KeyboardInterrupt; a checkpoint being written is left intact).
+
+    Several ranks agree to stop with one all-reduce of the flag at each step that already waits for
+    the device (every ``train.log_every`` steps, checkpoint steps, an epoch's last batch), so all
+    stop after the same step; a rank stopping alone would block the others in their next
+    all-reduce. The grace period before the kill (SLURM's KillWait, Kubernetes'
+    terminationGracePeriodSeconds: 30 s by default) must cover ``log_every`` steps and one save.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.reason: Optional[str] = None
+        self._previous: Dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.reason is not None
 
     def __enter__(self):
-        import signal
-
         def handler(signum, frame):
             if self.requested:
                 raise KeyboardInterrupt
-            self.requested = True
+            self.reason = signal.Signals(signum).name
 
         try:
-            self._previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            self._previous = None
+            for name in self.SIGNALS:
+                if hasattr(signal, name):  # no SIGUSR1 on Windows
+                    number = getattr(signal, name)
+                    self._previous[number] = signal.signal(number, handler)
+        except ValueError:  # not the main thread: leave the signals alone
+            pass
         return self
 
     def __exit__(self, *exc):
-        import signal
-
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
         return False
 
+    def agreed(self, run: Run, sync_point: bool) -> bool:
+        """Whether every rank stops after this step (see the class docstring)."""
+        if not run.ctx.enabled:
+            return self.requested
+        if not sync_point:
+            return False
+        stopping = bool(all_reduce_sum(torch.tensor(float(self.requested), device=run.device), run.ctx) > 0)
+        if stopping and self.reason is None:
+            self.reason = "a signal to another rank"
+        return stopping
 
-def _run_epoch(run: Run, epoch: int, position: Dict[str, Any], stop: _Interrupt) -> bool:
-    """Train one epoch from ``position['batch']``; False when stopped early (checkpoint saved)."""
-    loader, cfg = run.data.train, run.cfg
-    meters = Meters(run.device, position.pop("meters", None))
-    total, start, started = len(loader), position["batch"], time.time()
+
+def _run_epoch(run: Run, position: Position, stop: _Interrupt) -> Optional[Dict[str, float]]:
+    """Train ``position.epoch`` on from ``position.batch``, advancing ``position``; returns the epoch's
+    train metrics, or None when stopped (``last.pt`` then holds this step)."""
+    loader, cfg, epoch = run.data.train, run.cfg, position.epoch
+    meters = Meters(run.device, position.meters)
+    total, start, started = len(loader), position.batch, time.time()
     bad_step = torch.full((), -1, dtype=torch.long, device=run.device)
     desc = f"epoch {epoch}/{cfg.schedule.epochs}"
     batches = run.progress.wrap(loader.iter_epoch(epoch, start_batch=start), total=total, start=start, desc=desc)
@@ -270,23 +331,33 @@ def _run_epoch(run: Run, epoch: int, position: Dict[str, Any], stop: _Interrupt)
         terms, logits = train_step(run, images, targets, epoch, cached)
         meters.update(terms, logits, targets)
         loss = torch.stack(list(terms.values())).sum()
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), position["step"], bad_step)
-        position["step"] += 1
-        if position["step"] % cfg.train.log_every == 0 or index + 1 == total:
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), position.step, bad_step)
+        position.batch, position.step = index + 1, position.step + 1
+        logged = position.step % cfg.train.log_every == 0 or index + 1 == total
+        if logged:
             _check_finite(run, bad_step)
             run.progress.step(desc, index + 1, total, {"loss": float(loss)}, started)
-        if cfg.train.gsnr_every and position["step"] % cfg.train.gsnr_every == 0:
-            _record_gsnr(run, images, targets, epoch, position["step"])
-        if stop.requested or position["step"] == cfg.train.stop_after_steps:
-            save_state(run, run.run_dir / "last.pt", epoch=epoch, batch=index + 1, step=position["step"],
-                       meters=meters, best=position["best"])
-            run.progress.line(f"stopped at step {position['step']}; resume with --resume ({run.run_dir})")
-            return False
+        if cfg.train.gsnr_every and position.step % cfg.train.gsnr_every == 0:
+            _record_gsnr(run, images, targets, epoch, position.step)
+        due = cfg.train.checkpoint_every > 0 and position.step % cfg.train.checkpoint_every == 0
+        stopping = stop.agreed(run, logged or due) or position.step == cfg.train.stop_after_steps
+        if stopping or due:
+            _save_position(run, position, meters, bad_step)
+        if stopping:
+            run.progress.line(f"stopped at step {position.step} ({stop.reason or 'train.stop_after_steps'}); "
+                              f"resume with --resume ({run.run_dir})")
+            return None
     _check_finite(run, bad_step)
-    _check_parameters(run, position["step"])
-    position["train_metrics"] = meters.averages(run.ctx)
-    position["epoch_seconds"] = time.time() - started
-    return True
+    _check_parameters(run, position.step)
+    return meters.averages(run.ctx)
+
+
+def _save_position(run: Run, position: Position, meters: Meters, bad_step: torch.Tensor) -> None:
+    """A mid-epoch ``last.pt``, once the losses and the weights are known to be finite."""
+    _check_finite(run, bad_step)
+    _check_parameters(run, position.step)
+    position.meters = meters.state()
+    save_state(run, run.run_dir / "last.pt", position)
 
 
 def _check_finite(run: Run, bad_step: torch.Tensor) -> None:
@@ -313,39 +384,39 @@ def _record_gsnr(run: Run, images: torch.Tensor, targets: torch.Tensor, epoch: i
         run.writer.log_gsnr({"step": step, "epoch": epoch, **record})
 
 
-def _end_epoch(run: Run, epoch: int, position: Dict[str, Any]) -> Dict[str, Any]:
+def _end_epoch(run: Run, position: Position, train_metrics: Dict[str, float], seconds: float) -> Dict[str, Any]:
+    epoch = position.epoch
     test = evaluate(run.forward, run.data.test, run)
-    record = {"epoch": epoch, "step": position["step"], "lr": run.optimizer.param_groups[0]["lr"],
-              **position.pop("train_metrics"), "test_top1": test["top1"], "test_top5": test["top5"],
-              "test_loss": test["loss"], "topk": run.method.topk(epoch),
-              "seconds": position.pop("epoch_seconds")}
-    improved = test["top1"] > position["best"]
-    position["best"] = max(position["best"], test["top1"])
-    position.update(epoch=epoch + 1, batch=0)
+    record = {"epoch": epoch, "step": position.step, "lr": run.optimizer.param_groups[0]["lr"],
+              **train_metrics, "test_top1": test["top1"], "test_top5": test["top5"],
+              "test_loss": test["loss"], "topk": run.method.topk(epoch), "seconds": seconds}
+    improved = test["top1"] > position.best
+    position.best = max(position.best, test["top1"])
+    position.next_epoch()
     if run.writer is not None:
         run.writer.log_epoch(record, truncate_after=epoch)
-        save_state(run, run.run_dir / "last.pt", epoch=epoch + 1, batch=0, step=position["step"],
-                   meters=Meters(run.device), best=position["best"])
+        # best.pt before last.pt: a kill between the two then replays this epoch and rewrites best.pt
         if improved:
-            save_state(run, run.run_dir / "best.pt", epoch=epoch + 1, batch=0, step=position["step"],
-                       meters=Meters(run.device), best=position["best"])
+            save_state(run, run.run_dir / "best.pt", position)
+        save_state(run, run.run_dir / "last.pt", position)
     run.progress.line(f"epoch {epoch}: train_loss {record['train_loss']:.4f} train_top1 "
                       f"{record['train_top1']:.2f} test_top1 {test['top1']:.2f} test_top5 {test['top5']:.2f} "
-                      f"best {position['best']:.2f} lr {record['lr']:.4g} ({record['seconds']:.1f}s)")
+                      f"best {position.best:.2f} lr {record['lr']:.4g} ({record['seconds']:.1f}s)")
     return record
 
 
-def _train_epochs(run: Run, ckpt: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    keys = ("epoch", "batch", "step", "best", "meters")
-    position = {k: ckpt[k] for k in keys} if ckpt else {"epoch": 1, "batch": 0, "step": 0, "best": -1.0}
-    teacher_top1 = _teacher_accuracy(run)
-    started = time.time()
-    with _Interrupt() as stop:
-        while position["epoch"] <= run.cfg.schedule.epochs:
-            if not _run_epoch(run, position["epoch"], position, stop):
-                return {"status": "stopped", "run_dir": str(run.run_dir), "step": position["step"]}
-            _end_epoch(run, position["epoch"], position)
-    return _finish(run, position, teacher_top1, time.time() - started)
+def _train_epochs(run: Run, position: Position) -> Dict[str, Any]:
+    with _Interrupt() as stop:  # a signal during the teacher's test or the last files is a no-op
+        teacher_top1 = _teacher_accuracy(run)
+        started = time.time()
+        while position.epoch <= run.cfg.schedule.epochs:
+            epoch_started = time.time()
+            train_metrics = _run_epoch(run, position, stop)
+            if train_metrics is None:
+                return {"status": "stopped", "reason": stop.reason or "train.stop_after_steps",
+                        "run_dir": str(run.run_dir), "step": position.step}
+            _end_epoch(run, position, train_metrics, time.time() - epoch_started)
+        return _finish(run, position, teacher_top1, time.time() - started)
 
 
 def _teacher_accuracy(run: Run) -> Optional[float]:
@@ -362,7 +433,7 @@ def _teacher_accuracy(run: Run) -> Optional[float]:
     return top1
 
 
-def _finish(run: Run, position: Dict[str, Any], teacher_top1: Optional[float], seconds: float) -> Dict[str, Any]:
+def _finish(run: Run, position: Position, teacher_top1: Optional[float], seconds: float) -> Dict[str, Any]:
     from deepkd.train.logs import METRICS_JSONL, read_jsonl
 
     records = read_jsonl(run.run_dir / METRICS_JSONL)
@@ -371,8 +442,8 @@ def _finish(run: Run, position: Dict[str, Any], teacher_top1: Optional[float], s
     summary = {"status": "finished", "experiment": run.cfg.experiment, "seed": run.cfg.seed,
                "method": run.cfg.method.name, "student": run.cfg.student.name,
                "teacher": run.cfg.teacher.name if run.cfg.teacher else None, "teacher_top1": teacher_top1,
-               "best_top1": position["best"], "best_epoch": best_epoch, "last_top1": last,
-               "epochs": run.cfg.schedule.epochs, "steps": position["step"], "train_seconds": seconds,
+               "best_top1": position.best, "best_epoch": best_epoch, "last_top1": last,
+               "epochs": run.cfg.schedule.epochs, "steps": position.step, "train_seconds": seconds,
                "run_dir": str(run.run_dir)}
     if run.ctx.is_main:
         save_weights(run.student, run.run_dir / "student.safetensors")

@@ -1,0 +1,32 @@
+"""``deepkd eval``: top-1/top-5 of a checkpoint on a recipe's test split."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Sequence
+
+import torch
+
+from deepkd.errors import MissingFileError
+from deepkd.models import create_model, load_weights
+from deepkd.train import build
+from deepkd.train.config import load_config
+from deepkd.train.distributed import Dist
+from deepkd.train.logs import Progress
+
+
+def evaluate_checkpoint(recipe: str, weights: str, overrides: Sequence[str] = ()) -> Dict[str, float]:
+    """Build the recipe's student and test data, load ``weights`` strictly, evaluate."""
+    from deepkd.train.loop import Run, evaluate
+
+    cfg = load_config(recipe, overrides)
+    if not Path(weights).is_file():
+        raise MissingFileError(f"checkpoint {weights!r} does not exist")
+    device = build.build_device(cfg.train.device)
+    data = build.build_dataset(cfg, device=device, rank=0, world_size=1)
+    model = create_model(cfg.student.name, num_classes=data.num_classes)
+    load_weights(model, weights)
+    model.to(device)
+    run = Run(cfg, Path("."), device, Dist(), model, model, None, None, None, None, data, [], None,
+              Progress("none"))
+    with torch.no_grad():
+        return {"weights": weights, **evaluate(model, data.test, run)}
