@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError)
+from deepkd.errors import DeepKDError
+
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -148,11 +149,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("deepkd: interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as err:
+    except DeepKDError as err:  # what the user can fix: one line; anything else keeps its traceback
         if os.environ.get("DEEPKD_DEBUG"):
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        print(f"deepkd: error: {message}", file=sys.stderr)
+        print(f"deepkd: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -4,19 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Sequence
 
-import torch
 
 from deepkd.errors import MissingFileError
 from deepkd.models import create_model, load_weights
 from deepkd.train import build
 from deepkd.train.config import load_config
-from deepkd.train.distributed import Dist
-from deepkd.train.logs import Progress
 
 
 def evaluate_checkpoint(recipe: str, weights: str, overrides: Sequence[str] = ()) -> Dict[str, float]:
     """Build the recipe's student and test data, load ``weights`` strictly, evaluate."""
-    from deepkd.train.loop import Run, evaluate
+    from deepkd.train.loop import evaluate
 
     cfg = load_config(recipe, overrides)
     if not Path(weights).is_file():
@@ -26,7 +23,5 @@ def evaluate_checkpoint(recipe: str, weights: str, overrides: Sequence[str] = ()
     model = create_model(cfg.student.name, num_classes=data.num_classes)
     load_weights(model, weights)
     model.to(device)
-    run = Run(cfg, Path("."), device, Dist(), model, model, None, None, None, None, data, [], None,
-              Progress("none"))
-    with torch.no_grad():
-        return {"weights": weights, **evaluate(model, data.test, run)}
+    return {"weights": weights, **evaluate(model, data.test, device, precision=cfg.train.precision,
+                                           channels_last=cfg.train.channels_last)}

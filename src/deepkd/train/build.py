@@ -91,12 +91,17 @@ def build_teacher(cfg: Optional[ModelConfig], method: Method, num_classes: int,
     return teacher
 
 
-def build_method(cfg: MethodConfig, schedule: Optional[ScheduleConfig] = None) -> Method:
-    """The loss module from the method section alone (a DTM ramp end is the recipe's ``topk_ramp_end``).
-
-    ``schedule`` is not read: it is accepted only until ``loop.py`` stops passing it.
-    """
+def build_method(cfg: MethodConfig) -> Method:
+    """The loss module from the method section alone (a DTM ramp end is the recipe's ``topk_ramp_end``)."""
     return _build_method(cfg.name, **cfg.arguments())
+
+
+def build_sync_batchnorm(model: nn.Module, device: torch.device, ctx) -> nn.Module:
+    """``train.sync_batchnorm``: BatchNorm over the global batch (torch's SyncBatchNorm, CUDA only)."""
+    if device.type != "cuda":
+        raise ConfigError("train.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); "
+                          "on the CPU the BatchNorm statistics are averaged across ranks before each test and save")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if ctx.enabled else model
 
 
 def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -266,6 +266,7 @@ class TrainConfig(_Strict):
     wandb_project: str = "deepkd"
     stop_after_steps: int = Field(0, ge=0)
     checkpoint_every: int = Field(0, ge=0)  # steps between mid-epoch last.pt saves; 0: epoch ends and stops only
+    sync_batchnorm: bool = False  # SyncBatchNorm across ranks (CUDA); otherwise statistics averaged at tests/saves
     teacher_cache: bool = False
     teacher_cache_dtype: Literal["bf16", "fp32"] = "bf16"
 
@@ -362,7 +363,11 @@ def parse_override(text: str) -> tuple:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key.path=value")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML") from None
+    return key.strip().split("."), parsed
 
 
 def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
@@ -389,7 +394,10 @@ def load_config(recipe: Optional[str | Path] = None, overrides: Sequence[str] = 
     source = "overrides"
     if recipe is not None:
         path = find_recipe(recipe)
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"recipe {str(path)!r} is not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"recipe {str(path)!r} must hold a mapping at the top level")
         source = str(path)

@@ -77,6 +77,30 @@ def broadcast_module(module: nn.Module, ctx: Dist, buffers_only: bool = False) -
         dist.broadcast(tensor.data, src=0)
 
 
+def average_batchnorm_statistics(module: nn.Module, ctx: Dist) -> None:
+    """Replace every BatchNorm's running mean and variance by their mean over ranks, in place.
+
+    Called before each evaluation and each checkpoint, so the logged test accuracy, ``best.pt``,
+    ``last.pt`` and ``student.safetensors`` all use one set of statistics (timm's ``distribute_bn``
+    with reduce; chosen over DDP's per-step broadcast of rank 0's buffers, which costs a collective
+    every step and discards the other ranks' batches). The running averages are linear in their
+    updates, so averaging them now or at the end gives the same statistics up to rounding, and
+    training-mode forwards use batch statistics anyway. ``train.sync_batchnorm`` makes the batch
+    statistics themselves global.
+    """
+    if not ctx.enabled:
+        return
+    stats = [t for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+             for t in (m.running_mean, m.running_var) if t is not None]
+    if not stats:
+        return
+    flat = _flatten_dense_tensors(stats)
+    dist.all_reduce(flat)
+    flat.div_(ctx.world_size)
+    for tensor, averaged in zip(stats, _unflatten_dense_tensors(flat, stats)):
+        tensor.copy_(averaged)
+
+
 def all_reduce_sum(tensor: torch.Tensor, ctx: Dist) -> torch.Tensor:
     """Sum of a (metric) tensor over ranks; returned unchanged in a single process."""
     if ctx.enabled:

@@ -15,21 +15,23 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from deepkd.errors import RunExistsError
-from deepkd.losses import Method, stream_losses, total_loss
+from deepkd.errors import RunExistsError, TrainingError
+from deepkd.losses import Method
 from deepkd.models import save_weights
-from deepkd.optim import DecoupledMomentumSGD, stream_grads
+from deepkd.optim import DecoupledMomentumSGD
 from deepkd.train import build
 from deepkd.train.checkpoint import (FORMAT, atomic_save, load_checkpoint, remove_stale_temporaries, rng_state,
                                      set_rng_state)
-from deepkd.train.config import RunConfig, config_to_dict, save_config
-from deepkd.train.distributed import (Dist, all_reduce_sum, average_gradients, broadcast_module,
+from deepkd.provenance import provenance
+from deepkd.train.config import RunConfig, check_resume, config_to_dict, save_config
+from deepkd.train.distributed import (Dist, all_reduce_sum, average_batchnorm_statistics, broadcast_module,
                                       init_distributed, shutdown_distributed)
 from deepkd.train.lock import acquire_run_lock
 from deepkd.train.logs import MetricsWriter, Progress
+from deepkd.train.step import optimize
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingError):
     """Training produced a NaN/inf loss; the last good checkpoint is kept."""
 
 
@@ -56,10 +58,10 @@ class Run:
         return isinstance(self.optimizer, DecoupledMomentumSGD)
 
 
-def autocast(run: Run):
+def autocast(device: torch.device, precision: str):
     """bf16 autocast for the forward passes; losses are computed in float32 by the method."""
-    if run.cfg.train.precision == "bf16":
-        return torch.autocast(run.device.type, dtype=torch.bfloat16)
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -69,24 +71,13 @@ def train_step(run: Run, images: torch.Tensor, targets: torch.Tensor, epoch: int
 
     ``teacher_logits`` (from the teacher-logit cache) replaces the teacher forward when given.
     """
-    with autocast(run):
+    with autocast(run.device, run.cfg.train.precision):
         logits = run.forward(images)
         if teacher_logits is None and run.teacher is not None:
             with torch.no_grad():
                 teacher_logits = run.teacher(images).float()
     terms = run.method(logits.float(), teacher_logits, targets, epoch=epoch)
-    if run.decoupled:
-        losses = run.optimizer.merge_losses(stream_losses(terms))  # equal momenta share one pass
-        grads = stream_grads(losses, run.params)
-        grads = {key: average_gradients(g, run.ctx) for key, g in grads.items()}
-        run.optimizer.step(grads)
-    else:
-        run.optimizer.zero_grad(set_to_none=True)
-        total_loss(terms).backward()
-        if run.ctx.enabled:
-            for param, grad in zip(run.params, average_gradients([p.grad for p in run.params], run.ctx)):
-                param.grad = grad
-        run.optimizer.step()
+    optimize(terms, run.optimizer, run.params, run.ctx)  # backward (one pass per momentum) + step
     return {name: term.value.detach() for name, term in terms.items()}, logits.detach()
 
 
@@ -122,14 +113,15 @@ class Meters:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, run: Run) -> Dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole test set (all ranks)."""
+def evaluate(model: nn.Module, loader, device: torch.device, *, precision: str = "fp32",
+             channels_last: bool = False, ctx: Dist = Dist()) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole test set (all ranks of ``ctx``)."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=run.device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     for images, targets in loader.iter_epoch(0):
-        images, targets = _to_device(images, targets, run)
-        with autocast(run):
+        images, targets = _to_device(images, targets, device, channels_last)
+        with autocast(device, precision):
             logits = model(images).float()
         top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         sums[0] += (top5[:, 0] == targets).sum()
@@ -137,15 +129,20 @@ def evaluate(model: nn.Module, loader, run: Run) -> Dict[str, float]:
         sums[2] += nn.functional.cross_entropy(logits, targets, reduction="sum")
         sums[3] += targets.numel()
     model.train(was_training)
-    top1, top5, loss, count = all_reduce_sum(sums, run.ctx).tolist()
+    top1, top5, loss, count = all_reduce_sum(sums, ctx).tolist()
     return {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "loss": loss / count}
 
 
-def _to_device(images: torch.Tensor, targets: torch.Tensor, run: Run):
-    images = images.to(run.device, non_blocking=True)
-    if run.cfg.train.channels_last:
+def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device, channels_last: bool):
+    images = images.to(device, non_blocking=True)
+    if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    return images, targets.to(run.device, non_blocking=True)
+    return images, targets.to(device, non_blocking=True)
+
+
+def _evaluate(run: Run, model: nn.Module) -> Dict[str, float]:
+    return evaluate(model, run.data.test, run.device, precision=run.cfg.train.precision,
+                    channels_last=run.cfg.train.channels_last, ctx=run.ctx)
 
 
 def _set_lr(run: Run, epoch: int, progress: float) -> float:
@@ -182,7 +179,7 @@ def save_state(run: Run, path: Path, position: Position) -> None:
         return
     state = {"format": FORMAT, "model": run.student.state_dict(), "optimizer": run.optimizer.state_dict(),
              **position.as_dict(), "topk": run.method.topk(position.epoch), "rng": rng_state(),
-             "config": config_to_dict(run.cfg)}
+             "config": config_to_dict(run.cfg), "provenance": provenance()}
     atomic_save(state, path)
 
 
@@ -191,8 +188,9 @@ def run_directory(cfg: RunConfig) -> Path:
     return Path(cfg.output_dir) / cfg.experiment / f"seed{cfg.seed}"
 
 
-def setup_run(cfg: RunConfig, run_dir: Path) -> Run:
-    """Build every object of a run, in a fixed order so that a seed fixes the initial weights."""
+def setup_run(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> Run:
+    """Build every object of a run, in a fixed order so that a seed fixes the initial weights.
+    A resumed run keeps the folder's ``config.yaml`` (that of the code and config that started it)."""
     torch.manual_seed(cfg.seed)
     device = build.build_device(cfg.train.device)
     ctx = init_distributed(device.type)
@@ -200,13 +198,15 @@ def setup_run(cfg: RunConfig, run_dir: Path) -> Run:
         device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
     data = build.build_dataset(cfg, device=device, rank=ctx.rank, world_size=ctx.world_size)
-    method = build.build_method(cfg.method, cfg.schedule)
+    method = build.build_method(cfg.method)
     student = build.build_student(cfg.student, data.num_classes).to(device)
     teacher = build.build_teacher(cfg.teacher, method, data.num_classes, cfg.data.dataset)
     teacher = teacher.to(device) if teacher is not None else None
     if cfg.train.channels_last:
         student = student.to(memory_format=torch.channels_last)
         teacher = teacher.to(memory_format=torch.channels_last) if teacher is not None else None
+    if cfg.train.sync_batchnorm:
+        student = build.build_sync_batchnorm(student, device, ctx)
     broadcast_module(student, ctx)
     optimizer = build.build_optimizer(cfg.optimizer, student)
     # "reduce-overhead" adds CUDA graphs: the small-batch CIFAR recipe is launch-bound on a GPU
@@ -214,7 +214,8 @@ def setup_run(cfg: RunConfig, run_dir: Path) -> Run:
     writer = None
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        if not resume:
+            save_config(cfg, run_dir / "config.yaml")
         (run_dir / "data.json").write_text(json.dumps(data.facts(), indent=1))
         writer = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb,
                                wandb_project=cfg.train.wandb_project, config=config_to_dict(cfg))
@@ -252,9 +253,12 @@ def train(cfg: RunConfig, *, resume: bool = False, run_dir: Optional[str | Path]
                                  "pass --resume to continue it or choose another experiment name")
         if main:
             remove_stale_temporaries(run_dir)  # of a writer killed mid-save; the lock says it is gone
-        run = setup_run(cfg, run_dir)
+        resuming = resume and last.exists()
+        if resuming:  # the CLI checks this before; library callers get the same rule
+            check_resume(load_checkpoint(last)["config"], cfg, str(last))
+        run = setup_run(cfg, run_dir, resume=resuming)
         try:
-            return _train_epochs(run, restore(run, last) if resume and last.exists() else Position())
+            return _train_epochs(run, restore(run, last) if resuming else Position())
         finally:
             if run.writer is not None:
                 run.writer.close()
@@ -326,7 +330,7 @@ def _run_epoch(run: Run, position: Position, stop: _Interrupt) -> Optional[Dict[
     batches = run.progress.wrap(loader.iter_epoch(epoch, start_batch=start), total=total, start=start, desc=desc)
     for index, (images, targets) in enumerate(batches, start=start):
         _set_lr(run, epoch, index / total)
-        images, targets = _to_device(images, targets, run)
+        images, targets = _to_device(images, targets, run.device, cfg.train.channels_last)
         cached = run.cache.lookup(*loader.batch_views(epoch, index)) if run.cache is not None else None
         terms, logits = train_step(run, images, targets, epoch, cached)
         meters.update(terms, logits, targets)
@@ -356,6 +360,7 @@ def _save_position(run: Run, position: Position, meters: Meters, bad_step: torch
     """A mid-epoch ``last.pt``, once the losses and the weights are known to be finite."""
     _check_finite(run, bad_step)
     _check_parameters(run, position.step)
+    average_batchnorm_statistics(run.student, run.ctx)  # every rank calls this: the checkpoint is rank 0's
     position.meters = meters.state()
     save_state(run, run.run_dir / "last.pt", position)
 
@@ -386,7 +391,8 @@ def _record_gsnr(run: Run, images: torch.Tensor, targets: torch.Tensor, epoch: i
 
 def _end_epoch(run: Run, position: Position, train_metrics: Dict[str, float], seconds: float) -> Dict[str, Any]:
     epoch = position.epoch
-    test = evaluate(run.forward, run.data.test, run)
+    average_batchnorm_statistics(run.student, run.ctx)  # one set of statistics for the test and the saves
+    test = _evaluate(run, run.forward)
     record = {"epoch": epoch, "step": position.step, "lr": run.optimizer.param_groups[0]["lr"],
               **train_metrics, "test_top1": test["top1"], "test_top5": test["top5"],
               "test_loss": test["loss"], "topk": run.method.topk(epoch), "seconds": seconds}
@@ -426,9 +432,11 @@ def _teacher_accuracy(run: Run) -> Optional[float]:
     cached = run.run_dir / "teacher.json"
     if cached.is_file():
         return json.loads(cached.read_text())["top1"]
-    top1 = evaluate(run.teacher, run.data.test, run)["top1"]
+    top1 = _evaluate(run, run.teacher)["top1"]
     if run.ctx.is_main:
-        cached.write_text(json.dumps({"top1": top1}))
+        tmp = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")  # a kill mid-write must not break a resume
+        tmp.write_text(json.dumps({"top1": top1}))
+        os.replace(tmp, cached)
     run.progress.line(f"teacher {run.cfg.teacher.name}: test top-1 {top1:.2f}")
     return top1
 
