@@ -119,6 +119,25 @@ def test_two_process_ddp_equals_one_process(tmp_path, method, optimizer):
     assert pytest.approx([r["train_loss"] for r in rec_a], rel=1e-4) == [r["train_loss"] for r in rec_b]
 
 
+def test_two_process_batchnorm_logged_accuracy_is_the_saved_students(tmp_path, capsys):
+    """Each rank's BatchNorm sees its half of every batch; the statistics are averaged before each test
+    and save, so the last logged test top-1 is what `deepkd eval` of student.safetensors measures."""
+    recipe = write_recipe(tmp_path, experiment="bn", student={"name": "cnn_w8"},
+                          data={**RECIPE["data"], "synthetic": {"num_train": 256, "num_test": 200}})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               f"--master_port={_free_port()}", "-m", "deepkd.cli", "train", str(recipe)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "runs" / "bn" / "seed1"
+    logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["test_top1"]
+    assert main(["eval", str(recipe), str(run / "student.safetensors")]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["top1"] == logged
+    saved = load_checkpoint(run / "last.pt")["model"]
+    assert any(k.endswith("running_mean") for k in saved)
+
+
 def test_demo_quick_json(tmp_path, capsys):
     assert main(["demo", "--quick", "--json", "--out", str(tmp_path / "demo")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -108,8 +108,6 @@ def test_config_yaml_records_the_code_and_stays_a_recipe(stopped_run):
     assert load_config(run_dir / "config.yaml").train.stop_after_steps == 3  # a recipe that re-runs the run
 
 
-@pytest.mark.xfail(reason="loop.py: checkpoints store provenance() and a resume leaves config.yaml as it is "
-                          "(see the report of the config engineer)", strict=False)
 def test_checkpoints_record_the_code_and_resume_keeps_config_yaml(stopped_run):
     recipe, run_dir = stopped_run
     assert load_checkpoint(run_dir / "last.pt")["provenance"] == provenance()

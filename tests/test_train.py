@@ -164,3 +164,31 @@ def test_compiled_run_matches_eager(tmp_path):
     for key in a:
         if a[key].is_floating_point():
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+
+
+def _average_bn_worker(rank, init_file, results):
+    import torch.distributed as dist
+
+    from deepkd.train.distributed import Dist, average_batchnorm_statistics
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm1d(2))
+    for index, module in enumerate(model[1:]):
+        module.running_mean.fill_(float(rank + index))
+        module.running_var.fill_(float(2 * rank + 1))
+        module.num_batches_tracked.fill_(7)
+    average_batchnorm_statistics(model, Dist(rank, 2))
+    results[rank] = {k: v.clone() for k, v in model.state_dict().items()}
+    dist.destroy_process_group()
+
+
+def test_batchnorm_statistics_are_averaged_across_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_average_bn_worker, args=(str(tmp_path / "init"), results), nprocs=2)
+    a, b = results[0], results[1]
+    assert all(torch.equal(a[k], b[k]) for k in a if "running" in k)  # one set of statistics on every rank
+    assert not torch.equal(a["0.weight"], b["0.weight"])  # parameters (unseeded here) are not touched
+    assert torch.equal(a["1.running_mean"], torch.full((4,), 0.5)) and torch.equal(a["2.running_mean"], torch.full((2,), 1.5))
+    assert torch.equal(a["1.running_var"], torch.full((4,), 2.0)) and int(a["1.num_batches_tracked"]) == 7
