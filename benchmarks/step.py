@@ -134,9 +134,10 @@ def time_pair(pair, args):
         run = deepkd_run(method, students["deepkd"], teacher, args.device, "fp32", False)
         ref_opt = torch.optim.SGD(students["reference"].parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
         ref_state = {}
-        steps = {"deepkd": lambda: train_step(run, images, targets, epoch=20),
-                 "reference": lambda: reference_step(method, students["reference"], teacher, ref_opt, images,
-                                                     targets, ref_state)}
+        # default arguments bind this iteration's objects (the lambdas run within it anyway)
+        steps = {"deepkd": lambda run=run: train_step(run, images, targets, epoch=20),
+                 "reference": lambda method=method, student=students["reference"], opt=ref_opt, state=ref_state:
+                 reference_step(method, student, teacher, opt, images, targets, state)}
         times = {loop: [] for loop in steps}
         for repeat in range(args.warmup + args.repeats):
             for loop, step in steps.items():
@@ -148,8 +149,9 @@ def time_pair(pair, args):
                     times[loop].append(time.perf_counter() - started)
         for loop, values in times.items():
             results[f"{teacher_name}->{student_name}/{method}/{loop}"] = statistics.median(values)
-        print(f"{teacher_name}->{student_name} {method:<11} deepkd {results[f'{teacher_name}->{student_name}/{method}/deepkd'] * 1e3:8.1f} ms"
-              f"   reference {results[f'{teacher_name}->{student_name}/{method}/reference'] * 1e3:8.1f} ms", flush=True)
+        prefix = f"{teacher_name}->{student_name}/{method}"
+        print(f"{teacher_name}->{student_name} {method:<11} deepkd {results[f'{prefix}/deepkd'] * 1e3:8.1f} ms"
+              f"   reference {results[f'{prefix}/reference'] * 1e3:8.1f} ms", flush=True)
     return results
 
 
@@ -172,7 +174,8 @@ def main(argv=None):
     out = {"seconds_per_step": results, "device": args.device, "torch": torch.__version__}
     key = "resnet32x4->resnet8x4/{}/{}"
     if key.format("dkd", "deepkd") in results:
-        out["deepkd_vs_reference"] = results[key.format("deepkd_dkd", "deepkd")] / results[key.format("deepkd_dkd", "reference")]
+        out["deepkd_vs_reference"] = (results[key.format("deepkd_dkd", "deepkd")]
+                                      / results[key.format("deepkd_dkd", "reference")])
         out["deepkd_vs_dkd"] = results[key.format("deepkd_dkd", "deepkd")] / results[key.format("dkd", "deepkd")]
         print(f"DeepKD+DKD step: {out['deepkd_vs_reference']:.3f}x the reference-style DeepKD step, "
               f"{out['deepkd_vs_dkd']:.3f}x deepkd's own DKD step")
@@ -193,7 +196,7 @@ def plot(results, path, title):
     fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.4
     for offset, loop in ((-width / 2, "reference"), (width / 2, "deepkd")):
-        ax.bar([i + offset for i in range(len(labels))], [results[f"{l}/{loop}"] * 1e3 for l in labels],
+        ax.bar([i + offset for i in range(len(labels))], [results[f"{label}/{loop}"] * 1e3 for label in labels],
                width, label=loop)
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, rotation=25, ha="right", fontsize=8)

@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from deepkd.train.config import validate_config
+
 
 def write_jpeg_tree(root: Path, classes: int = 3, per_class: int = 4, splits=("train", "val"),
                     size_range=(40, 90), seed: int = 1) -> Path:
@@ -28,3 +30,33 @@ def write_jpeg_tree(root: Path, classes: int = 3, per_class: int = 4, splits=("t
 def jpeg_tree():
     """The :func:`write_jpeg_tree` writer."""
     return write_jpeg_tree
+
+
+def tiny_config(tmp_path, **changes):
+    """A seconds-long run on the synthetic set; ``section__key=value`` or ``section={...}`` changes it."""
+    raw = {
+        "experiment": "tiny", "seed": 3, "output_dir": str(tmp_path / "runs"),
+        "data": {"dataset": "synthetic", "batch_size": 32, "eval_batch_size": 64,
+                 "synthetic": {"num_train": 160, "num_test": 64}},
+        "student": {"name": "cnn_w4"},
+        "method": {"name": "ce"},
+        "optimizer": {"name": "sgd", "lr": 0.05},
+        "schedule": {"name": "step", "epochs": 2, "milestones": [2]},
+        "train": {"progress": "none", "tensorboard": "off"},
+    }
+    for key, value in changes.items():
+        section, _, name = key.partition("__")
+        if name:
+            raw.setdefault(section, {})[name] = value
+        else:
+            raw[section] = value
+    return validate_config(raw)
+
+
+def trained_teacher(tmp_path):
+    """Train the tiny teacher once under ``tmp_path``; returns its ``best.pt``."""
+    from deepkd.train.loop import train
+
+    cfg = tiny_config(tmp_path, experiment="teacher", schedule__epochs=1)
+    train(cfg)
+    return str(tmp_path / "runs" / "teacher" / "seed3" / "best.pt")

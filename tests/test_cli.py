@@ -146,6 +146,14 @@ def test_demo_quick_json(tmp_path, capsys):
     assert (tmp_path / "demo" / "comparison.png").is_file()
 
 
+def test_demo_detection_quick_json(tmp_path, capsys):
+    assert main(["demo", "detection", "--quick", "--json", "--out", str(tmp_path / "demo")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(result) == ["teacher", "student alone", "DKD", "DeepKD+DKD", "seconds"]
+    assert all(0.0 <= result[k] <= 100.0 for k in result if k != "seconds")
+    assert (tmp_path / "demo" / "comparison.png").is_file() and (tmp_path / "demo" / "dkd" / "metrics.jsonl").is_file()
+
+
 def test_ctrl_c_saves_and_resumes(tmp_path):
     import signal
 

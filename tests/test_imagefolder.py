@@ -96,9 +96,10 @@ def test_random_resized_crops_in_memory_follow_torchvisions_rule(tmp_path, jpeg_
         assert (batches[0][0][k] - expected).abs().mean() < 8
     resumed = list(loader.iter_epoch(3, start_batch=1))
     assert torch.equal(resumed[0][0], batches[1][0])
-    whole = loader.resized_crops(loader.images[:2], torch.tensor([[0.0, 0.0, 40.0, 40.0]] * 2), torch.tensor([False, True]))
+    box, flips = torch.tensor([[0.0, 0.0, 40.0, 40.0]] * 2), torch.tensor([False, True])
+    whole = loader.resized_crops(loader.images[:2], box, flips)
     loader.size = 40
-    same = loader.resized_crops(loader.images[:2], torch.tensor([[0.0, 0.0, 40.0, 40.0]] * 2), torch.tensor([False, True]))
+    same = loader.resized_crops(loader.images[:2], box, flips)
     assert whole.shape == (2, 3, 32, 32) and torch.equal(same[0], loader.images[0].float())
     assert torch.equal(same[1], loader.images[1].float().flip(-1))
 

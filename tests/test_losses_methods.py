@@ -18,7 +18,8 @@ def inputs(batch=8, classes=10, seed=0, shape=None):
     teacher = torch.randn(batch, classes, generator=generator) * 3 + 2.0
     target = torch.randint(0, classes, (batch,), generator=generator)
     if shape is not None:
-        student, teacher, target = student.reshape(*shape, classes), teacher.reshape(*shape, classes), target.reshape(shape)
+        student, teacher = student.reshape(*shape, classes), teacher.reshape(*shape, classes)
+        target = target.reshape(shape)
     return student.requires_grad_(True), teacher.requires_grad_(True), target
 
 

@@ -4,8 +4,15 @@ import collections
 import pytest
 import torch
 
-from deepkd.models import (count_parameters, create_model, format_model_table, list_models, load_weights,
-                           model_info, save_weights)
+from deepkd.models import (
+    count_parameters,
+    create_model,
+    format_model_table,
+    list_models,
+    load_weights,
+    model_info,
+    save_weights,
+)
 
 # Trainable parameters in millions (spec/RECIPES.md section 3), 100 classes (CIFAR) / 1000 (ImageNet).
 PUBLISHED = {

@@ -1,14 +1,13 @@
 """The teacher-logit cache serves, for each augmented view, the teacher's own logits."""
 import pytest
 import torch
+from conftest import tiny_config, trained_teacher
 
 from deepkd.data import DeviceLoader, synthetic
 from deepkd.data.teacher_cache import TeacherLogitCache, view_index
 from deepkd.models import create_model
 from deepkd.train.checkpoint import load_checkpoint
 from deepkd.train.loop import train
-
-from test_train import tiny_config, trained_teacher
 
 
 def test_cached_logits_equal_teacher_logits_per_view():

@@ -14,9 +14,18 @@ import torch
 
 from deepkd.cli import main
 from deepkd.models import create_model, load_weights
-from deepkd.models.teachers import (CHECKPOINT, KNOWN_TEACHERS, MANIFEST, TEACHERS_URL, download_teachers,
-                                    find_teacher, missing_teacher_message, sha256sum,
-                                    teachers_dir, verify_teachers)
+from deepkd.models.teachers import (
+    CHECKPOINT,
+    KNOWN_TEACHERS,
+    MANIFEST,
+    TEACHERS_URL,
+    download_teachers,
+    find_teacher,
+    missing_teacher_message,
+    sha256sum,
+    teachers_dir,
+    verify_teachers,
+)
 
 SMALL = ("resnet8", "resnet20", "wrn_16_1")
 UNREACHABLE = "http://127.0.0.1:9/cifar_teachers.tar"  # port 9 (discard): nothing listens, refused at once

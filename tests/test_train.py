@@ -4,39 +4,13 @@ import re
 
 import pytest
 import torch
+from conftest import tiny_config, trained_teacher
 from torch import nn
 
 from deepkd.data import build_data
 from deepkd.models import create_model, load_weights
 from deepkd.train.checkpoint import load_checkpoint
-from deepkd.train.config import validate_config
 from deepkd.train.loop import NonFiniteLossError, train
-
-
-def tiny_config(tmp_path, **changes):
-    raw = {
-        "experiment": "tiny", "seed": 3, "output_dir": str(tmp_path / "runs"),
-        "data": {"dataset": "synthetic", "batch_size": 32, "eval_batch_size": 64,
-                 "synthetic": {"num_train": 160, "num_test": 64}},
-        "student": {"name": "cnn_w4"},
-        "method": {"name": "ce"},
-        "optimizer": {"name": "sgd", "lr": 0.05},
-        "schedule": {"name": "step", "epochs": 2, "milestones": [2]},
-        "train": {"progress": "none", "tensorboard": "off"},
-    }
-    for key, value in changes.items():
-        section, _, name = key.partition("__")
-        if name:
-            raw.setdefault(section, {})[name] = value
-        else:
-            raw[section] = value
-    return validate_config(raw)
-
-
-def trained_teacher(tmp_path):
-    cfg = tiny_config(tmp_path, experiment="teacher", schedule__epochs=1)
-    train(cfg)
-    return str(tmp_path / "runs" / "teacher" / "seed3" / "best.pt")
 
 
 def test_ce_step_equals_plain_reference_loop(tmp_path):
@@ -66,7 +40,7 @@ def test_ce_step_equals_plain_reference_loop(tmp_path):
 def test_resume_is_bit_identical(tmp_path, method, optimizer):
     teacher = trained_teacher(tmp_path)
     common = dict(method=method, optimizer=optimizer, teacher={"name": "cnn_w4", "weights": teacher})
-    full = train(tiny_config(tmp_path, experiment="full", **common))
+    train(tiny_config(tmp_path, experiment="full", **common))
     stopped = train(tiny_config(tmp_path, experiment="cut", train__stop_after_steps=7, **common))
     assert stopped["status"] == "stopped"
     resumed = train(tiny_config(tmp_path, experiment="cut", **common), resume=True)
@@ -190,5 +164,6 @@ def test_batchnorm_statistics_are_averaged_across_ranks(tmp_path):
     a, b = results[0], results[1]
     assert all(torch.equal(a[k], b[k]) for k in a if "running" in k)  # one set of statistics on every rank
     assert not torch.equal(a["0.weight"], b["0.weight"])  # parameters (unseeded here) are not touched
-    assert torch.equal(a["1.running_mean"], torch.full((4,), 0.5)) and torch.equal(a["2.running_mean"], torch.full((2,), 1.5))
+    assert torch.equal(a["1.running_mean"], torch.full((4,), 0.5))
+    assert torch.equal(a["2.running_mean"], torch.full((2,), 1.5))
     assert torch.equal(a["1.running_var"], torch.full((4,), 2.0)) and int(a["1.num_batches_tracked"]) == 7

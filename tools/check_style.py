@@ -42,7 +42,8 @@ def imported(tree: ast.AST, module: str) -> Iterator[Tuple[int, str]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
             yield from ((node.lineno, f"{base}.{alias.name}" if base else alias.name) for alias in node.names)
 
 
@@ -61,9 +62,11 @@ def check_file(path: Path, root: Path = ROOT) -> Tuple[List[str], List[str]]:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             length = node.end_lineno - node.lineno + 1
             if length > FUNCTION_LIMIT:
-                failures.append(f"{where}:{node.lineno}: function {node.name} has {length} lines (limit {FUNCTION_LIMIT})")
+                failures.append(f"{where}:{node.lineno}: function {node.name} has {length} lines "
+                                f"(limit {FUNCTION_LIMIT})")
             elif length > FUNCTION_TARGET:
-                notes.append(f"{where}:{node.lineno}: function {node.name} has {length} lines (target {FUNCTION_TARGET})")
+                notes.append(f"{where}:{node.lineno}: function {node.name} has {length} lines "
+                             f"(target {FUNCTION_TARGET})")
     module = module_name(path, root)
     for owner, banned in FORBIDDEN.items():
         if module == owner or module.startswith(owner + "."):

@@ -12,7 +12,6 @@ from typing import List, Optional
 from deepkd.errors import DeepKDError
 
 
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepkd", description="Logit knowledge distillation trainer.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -23,9 +22,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true",
                        help="continue from last.pt of the recipe's run folder (or of the run folder given)")
     demo = sub.add_parser("demo", help="offline demo on the shipped synthetic set")
+    demo.add_argument("what", nargs="?", choices=["classification", "detection"], default="classification",
+                      help="classification (default): CIFAR-shaped set; detection: tiny Faster R-CNN, COCO-format set")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (CI smoke test)")
     demo.add_argument("--json", action="store_true", help="print a JSON object of the results last")
-    demo.add_argument("--out", default="runs/demo", help="folder for the demo's runs and plot")
+    demo.add_argument("--out", default=None,
+                      help="folder for the demo's runs and plot (runs/demo, runs/demo_detection)")
     listing = sub.add_parser("list", help="list models, methods or recipes")
     listing.add_argument("what", choices=["models", "methods", "recipes"])
     listing.add_argument("pattern", nargs="?", default=None)
@@ -120,9 +122,12 @@ def cmd_summary(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from deepkd.commands.demo import run_demo
+    from deepkd.commands.demo import run_demo, run_detection_demo
 
-    run_demo(out=args.out, quick=args.quick, as_json=args.json)
+    if args.what == "detection":
+        run_detection_demo(out=args.out or "runs/demo_detection", quick=args.quick, as_json=args.json)
+    else:
+        run_demo(out=args.out or "runs/demo", quick=args.quick, as_json=args.json)
     return 0
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Sequence
 
-
 from deepkd.errors import MissingFileError
 from deepkd.models import create_model, load_weights
 from deepkd.train import build

@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from deepkd.train.logs import GSNR_JSONL, METRICS_JSONL, read_jsonl
 from deepkd.commands.summary import find_runs
+from deepkd.train.logs import GSNR_JSONL, METRICS_JSONL, read_jsonl
 
 
 def _pyplot():

@@ -5,10 +5,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Union
 
-
-from deepkd.errors import DataError, MissingFileError
 from deepkd.data import cifar, synthetic
 from deepkd.data.device_loader import DeviceLoader
+from deepkd.errors import DataError, MissingFileError
 
 __all__ = ["DataBundle", "DeviceLoader", "FolderOptions", "build_data"]
 

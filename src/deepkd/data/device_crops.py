@@ -16,8 +16,8 @@ from typing import Iterator, Tuple
 
 import torch
 
-from deepkd.errors import ConfigError
 from deepkd.data.device_loader import DeviceLoader, _generator
+from deepkd.errors import ConfigError
 
 _STREAM = 7  # a generator stream of its own: (seed, epoch, index, _STREAM)
 

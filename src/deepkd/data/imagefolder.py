@@ -227,5 +227,6 @@ def split_samples(root: Path, train_folder: str, val_folder: str):
         only_train = sorted(set(classes) - set(val_classes))[:3]
         only_val = sorted(set(val_classes) - set(classes))[:3]
         raise DataError(f"{root / val_folder} and {root / train_folder} hold different class folders "
-                         f"({len(val_classes)} vs {len(classes)}; only in train: {only_train}, only in val: {only_val})")
+                         f"({len(val_classes)} vs {len(classes)}; only in train: {only_train}, "
+                         f"only in val: {only_val})")
     return train_samples, val_samples, classes

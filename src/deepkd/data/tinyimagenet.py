@@ -33,8 +33,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from deepkd.errors import DataError, MissingFileError
 from deepkd.data.cifar import default_root, fetch_archive
+from deepkd.errors import DataError, MissingFileError
 
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 ARCHIVE = "tiny-imagenet-200.zip"
@@ -170,7 +170,7 @@ def _save_cache(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
     except OSError as err:
         tmp.unlink(missing_ok=True)
         warnings.warn(f"could not write the decoded-image cache {path} ({err}); the JPEGs will be decoded "
-                      "again next time")
+                      "again next time", stacklevel=2)
 
 
 def read_split(folder: Path, split: str, *, cache: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -63,5 +63,7 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def topk(self, epoch: int) -> Optional[int]:
-        """The dynamic top-k mask's K at ``epoch`` (None when the method has no mask)."""
-        return None
+        """The dynamic top-k mask's K at ``epoch``: None when the method has no mask (a ``dtm``
+        attribute, :class:`~deepkd.losses.common.DynamicTopK`), it is off, or no batch was seen yet."""
+        dtm = getattr(self, "dtm", None)
+        return None if dtm is None else dtm.k(epoch)

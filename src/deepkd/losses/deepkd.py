@@ -20,8 +20,15 @@ import torch
 
 from deepkd.losses import functional as F
 from deepkd.losses.base import LossTerm, Method, warmup_factor
-from deepkd.losses.common import (TOPK_RAMP_END, TOPK_START_FRACTION, DynamicTopK,
-                                  check_non_negative, check_positive)
+from deepkd.losses.common import (
+    TOPK_RAMP_END,
+    TOPK_START_FRACTION,
+    DynamicTopK,
+    check_non_negative,
+    check_positive,
+    cross_entropy_and_mask,
+    decoupled_terms,
+)
 from deepkd.losses.dkd import DKD
 from deepkd.losses.dtkd_dkd import DTKDDKD
 from deepkd.losses.registry import METHODS, register_method
@@ -57,14 +64,11 @@ class DeepKDKD(Method):
         self.dtm = DynamicTopK(enabled=topk, start_fraction=topk_start_fraction,
                                ramp_start=topk_ramp_start, ramp_end=topk_ramp_end,
                                count_target=topk_count_target, warmup_epochs=warmup_epochs)
-        self.num_classes: Optional[int] = None
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor],
                 target: torch.Tensor, *, epoch: int) -> Dict[str, LossTerm]:
         """Logits ``[..., C]``, target ``[...]`` -> ``{"ce", "tckd", "nckd"}`` scalar terms."""
-        self.num_classes = student_logits.shape[-1]
-        ce = F.cross_entropy(student_logits, target, ignore_index=self.ignore_index, validate=False)
-        keep = self.dtm.keep(teacher_logits, target, epoch, self.ignore_index)
+        ce, keep = cross_entropy_and_mask(self, student_logits, teacher_logits, target, epoch)
         terms = F.decoupled(student_logits, teacher_logits, target, temperature=self.temperature,
                             keep=keep, ignore_index=self.ignore_index, validate=False)
         if self.per_sample_weight:
@@ -72,13 +76,9 @@ class DeepKDKD(Method):
         else:
             non_target = (1 - terms.teacher_target_prob) * terms.nckd
         weight = warmup_factor(epoch, self.warmup_epochs)
-        return {"ce": LossTerm(self.ce_weight * ce, "task"),
-                "tckd": LossTerm(weight * terms.tckd, "target"),
-                "nckd": LossTerm(weight * non_target, "non_target")}
+        return decoupled_terms(ce, terms.tckd, non_target, ce_weight=self.ce_weight, tckd_weight=weight,
+                               nckd_weight=weight)
 
-    def topk(self, epoch: int) -> Optional[int]:
-        """The DTM's K at ``epoch`` (None when off or before the first forward)."""
-        return self.dtm.k(epoch, self.num_classes)
 
 
 _BASES = {"kd": "deepkd_kd", "dkd": "deepkd_dkd", "dtkd": "deepkd_dtkd"}

@@ -7,8 +7,15 @@ import torch
 
 from deepkd.losses import functional as F
 from deepkd.losses.base import LossTerm, Method, warmup_factor
-from deepkd.losses.common import (TOPK_RAMP_END, TOPK_START_FRACTION, DynamicTopK,
-                                  check_non_negative, check_positive)
+from deepkd.losses.common import (
+    TOPK_RAMP_END,
+    TOPK_START_FRACTION,
+    DynamicTopK,
+    check_non_negative,
+    check_positive,
+    cross_entropy_and_mask,
+    decoupled_terms,
+)
 from deepkd.losses.registry import register_method
 
 
@@ -39,22 +46,14 @@ class DTKDDKD(Method):
         self.dtm = DynamicTopK(enabled=topk, start_fraction=topk_start_fraction,
                                ramp_start=topk_ramp_start, ramp_end=topk_ramp_end,
                                count_target=topk_count_target, warmup_epochs=warmup_epochs)
-        self.num_classes: Optional[int] = None
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor],
                 target: torch.Tensor, *, epoch: int) -> Dict[str, LossTerm]:
         """Logits ``[..., C]``, target ``[...]`` -> ``{"ce", "tckd", "nckd"}`` scalar terms."""
-        self.num_classes = student_logits.shape[-1]
-        ce = F.cross_entropy(student_logits, target, ignore_index=self.ignore_index, validate=False)
-        keep = self.dtm.keep(teacher_logits, target, epoch, self.ignore_index)
+        ce, keep = cross_entropy_and_mask(self, student_logits, teacher_logits, target, epoch)
         terms = F.dynamic_decoupled(student_logits, teacher_logits, target,
                                     temperature=self.temperature, guard=self.guard, keep=keep,
                                     ignore_index=self.ignore_index, validate=not self.guard)
         weight = warmup_factor(epoch, self.warmup_epochs)
-        return {"ce": LossTerm(self.ce_weight * ce, "task"),
-                "tckd": LossTerm(weight * self.alpha * terms.tckd, "target"),
-                "nckd": LossTerm(weight * self.beta * terms.nckd, "non_target")}
-
-    def topk(self, epoch: int) -> Optional[int]:
-        """The DTM's K at ``epoch`` (None when off or before the first forward)."""
-        return self.dtm.k(epoch, self.num_classes)
+        return decoupled_terms(ce, terms.tckd, terms.nckd, ce_weight=self.ce_weight, tckd_weight=weight * self.alpha,
+                               nckd_weight=weight * self.beta)

@@ -64,7 +64,8 @@ def create_external(name: str, num_classes: int) -> nn.Module:
 
         arch = name[len(TIMM):]
         if not timm.is_model(arch):
-            raise UnknownNameError(f"unknown timm model {arch!r} (list them with: deepkd list models 'timm/{arch[:4]}*')")
+            raise UnknownNameError(f"unknown timm model {arch!r} (list them with: deepkd list models "
+                                   f"'timm/{arch[:4]}*')")
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
         model.timm_name = arch
         return model
@@ -72,7 +73,8 @@ def create_external(name: str, num_classes: int) -> nn.Module:
 
     arch = name[len(TORCHVISION):]
     if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise UnknownNameError(f"unknown torchvision classification model {arch!r} (deepkd list models 'torchvision/*')")
+        raise UnknownNameError(f"unknown torchvision classification model {arch!r} "
+                               "(deepkd list models 'torchvision/*')")
     return _torchvision_builder(arch)(num_classes)
 
 
@@ -135,7 +137,8 @@ def load_pretrained(model: nn.Module, source: str, *, reset_head: bool = False, 
         state = {k: v for k, v in state.items() if k not in head}
         missing = [k for k in own if k not in state and k not in head]
         if missing:
-            raise WeightsError(f"{role}.weights {source!r} lacks {len(missing)} non-classifier keys (first: {missing[0]})")
+            raise WeightsError(f"{role}.weights {source!r} lacks {len(missing)} non-classifier keys "
+                               f"(first: {missing[0]})")
         return load_weights(model, state, strict=False, name=f"{role}.weights {source!r}")
     return load_weights(model, state, name=f"{role}.weights {source!r}")
 
@@ -200,5 +203,6 @@ def _load_timm(model: nn.Module, tag: str, *, reset_head: bool, role: str) -> nn
     except OSError as err:  # huggingface_hub: LocalEntryNotFoundError (offline, not cached) is an OSError
         raise MissingFileError(f"could not fetch timm weights {arch}.{cfg.tag} from the Hugging Face hub "
                                 f"({type(err).__name__}): go online once (they are cached in $HF_HOME), or "
-                                f"download {cfg.hf_hub_id or cfg.url} by hand and set {role}.weights to the file") from err
+                                f"download {cfg.hf_hub_id or cfg.url} by hand and set {role}.weights to the "
+                                "file") from err
     return model

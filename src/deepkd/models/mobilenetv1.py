@@ -32,7 +32,8 @@ class MobileNetV1(nn.Module):
         super().__init__()
         blocks = [nn.Sequential(*_bn_relu_conv(3, 32, 3, 2))]
         for cin, cout, stride in self.PLAN:
-            blocks.append(nn.Sequential(*_bn_relu_conv(cin, cin, 3, stride, groups=cin), *_bn_relu_conv(cin, cout, 1, 1)))
+            blocks.append(nn.Sequential(*_bn_relu_conv(cin, cin, 3, stride, groups=cin),
+                                        *_bn_relu_conv(cin, cout, 1, 1)))
         self.model = nn.Sequential(*blocks)
         self.fc = nn.Linear(1024, num_classes)
 

@@ -39,8 +39,8 @@ from typing import Optional, Union
 
 import torch
 
-from deepkd.errors import MissingFileError, WeightsError
 from deepkd.data.cifar import default_root, file_digest
+from deepkd.errors import MissingFileError, WeightsError
 from deepkd.models.registry import create_model, list_models, model_info
 from deepkd.models.weights import load_weights
 

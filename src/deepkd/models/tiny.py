@@ -1,7 +1,8 @@
 """Small plain CNNs for the offline synthetic benchmark, the demo and fast tests.
 
 ``cnn_w{W}``: four conv3x3-BN-ReLU stages with widths W, 2W, 4W, 8W, max-pool after stages 2 and 3,
-global average pool, linear head (``cnn_w8_plain``: no BatchNorm). Not from any paper; deepkd's own CPU-sized teacher/student pair.
+global average pool, linear head (``cnn_w8_plain``: no BatchNorm). Not from any paper; deepkd's own
+CPU-sized teacher/student pair.
 """
 from __future__ import annotations
 

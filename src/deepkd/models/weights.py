@@ -57,9 +57,11 @@ def read_weights(path: Path) -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise WeightsError(f"{str(path)!r} needs arbitrary code to load (pickled objects, not only tensors); "
-                         f"deepkd loads weights with weights_only=True and refuses it ({str(err).splitlines()[0][:160]})") from None
+                           "deepkd loads weights with weights_only=True and refuses it "
+                           f"({str(err).splitlines()[0][:160]})") from None
     except (RuntimeError, EOFError, OSError) as err:
-        raise WeightsError(f"{str(path)!r} is corrupt or not a PyTorch checkpoint ({str(err).splitlines()[0][:160]})") from None
+        raise WeightsError(f"{str(path)!r} is corrupt or not a PyTorch checkpoint "
+                           f"({str(err).splitlines()[0][:160]})") from None
 
 
 def extract_state_dict(obj: object, source: str = "checkpoint") -> StateDict:

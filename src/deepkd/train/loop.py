@@ -19,13 +19,25 @@ from deepkd.errors import RunExistsError, TrainingError
 from deepkd.losses import Method
 from deepkd.models import save_weights
 from deepkd.optim import DecoupledMomentumSGD
-from deepkd.train import build
-from deepkd.train.checkpoint import (FORMAT, atomic_save, load_checkpoint, remove_stale_temporaries, rng_state,
-                                     set_rng_state)
 from deepkd.provenance import provenance
+from deepkd.train import build
+from deepkd.train.checkpoint import (
+    FORMAT,
+    atomic_save,
+    load_checkpoint,
+    remove_stale_temporaries,
+    rng_state,
+    set_rng_state,
+)
 from deepkd.train.config import RunConfig, check_resume, config_to_dict, save_config
-from deepkd.train.distributed import (Dist, all_reduce_sum, average_batchnorm_statistics, broadcast_module,
-                                      init_distributed, shutdown_distributed)
+from deepkd.train.distributed import (
+    Dist,
+    all_reduce_sum,
+    average_batchnorm_statistics,
+    broadcast_module,
+    init_distributed,
+    shutdown_distributed,
+)
 from deepkd.train.lock import acquire_run_lock
 from deepkd.train.logs import MetricsWriter, Progress
 from deepkd.train.step import optimize
@@ -114,7 +126,7 @@ class Meters:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, *, precision: str = "fp32",
-             channels_last: bool = False, ctx: Dist = Dist()) -> Dict[str, float]:
+             channels_last: bool = False, ctx: Optional[Dist] = None) -> Dict[str, float]:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole test set (all ranks of ``ctx``)."""
     was_training = model.training
     model.eval()
@@ -129,7 +141,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, precision: str =
         sums[2] += nn.functional.cross_entropy(logits, targets, reduction="sum")
         sums[3] += targets.numel()
     model.train(was_training)
-    top1, top5, loss, count = all_reduce_sum(sums, ctx).tolist()
+    top1, top5, loss, count = all_reduce_sum(sums, ctx or Dist()).tolist()
     return {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "loss": loss / count}
 
 
@@ -377,7 +389,8 @@ def _check_parameters(run: Run, step: int) -> None:
     tensors = [*run.params, *(b for b in run.student.buffers() if b.is_floating_point())]
     finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
     if not bool(finite):
-        raise NonFiniteLossError(f"the student's parameters or BatchNorm statistics became non-finite by step {step}; stopped, the "
+        raise NonFiniteLossError(f"the student's parameters or BatchNorm statistics became non-finite by step {step}; "
+                                 "stopped, the "
                                  f"last good checkpoint in {str(run.run_dir)!r} is kept")
 
 
