@@ -1,12 +1,14 @@
 """Data: the device loader's augmentation and determinism, CIFAR-100's real format, ImageFolder trees,
 the synthetic set."""
 import pickle
+import re
 import tarfile
 
 import pytest
 import torch
 
 from deepkd.data import DeviceLoader, build_data, cifar, synthetic
+from deepkd.errors import DataError
 
 
 def loader(count=200, batch=32, **kwargs):
@@ -158,3 +160,20 @@ def test_synthetic_class_scale_sets_within_superclass_similarity(class_scale):
     assert (ratio < reference_ratio) == (class_scale < 0.6)
     images, _ = synthetic.generate(50, seed=2, class_scale=class_scale)
     assert images.dtype == torch.uint8 and images.shape == (50, 3, 32, 32)
+
+
+def test_bad_cifar_files_are_named_in_one_sentence(tmp_path):
+    folder = cifar.write_python_format(tmp_path / "cifar-100-python", 20, 10)
+    good = (folder / "train").read_bytes()
+    cases = {"truncated": good[: len(good) // 2],
+             "foreign": pickle.dumps({"pixels": [1, 2, 3]}, protocol=2)}
+    entry = pickle.loads(good, encoding="latin1")
+    cases["labels"] = pickle.dumps({**entry, "fine_labels": [0] * 19 + [100]}, protocol=2)
+    cases["shape"] = pickle.dumps({**entry, "data": entry["data"][:, :100]}, protocol=2)
+    expected = {"truncated": "is truncated or not a CIFAR-100 pickle", "foreign": "no 'data' entry",
+                "labels": "labels outside 0..99 (found 0..100)", "shape": "not [N, 3072]"}
+    for case, data in cases.items():
+        (folder / "train").write_bytes(data)
+        with pytest.raises(DataError, match=re.escape(expected[case])) as info:
+            cifar.read_split(folder, "train")
+        assert str(folder / "train") in str(info.value) and "\n" not in str(info.value)

@@ -151,11 +151,31 @@ def read_split(folder: Path, split: str, *, dataset: str = "cifar100") -> Tuple[
     spec = _spec(dataset)
     images, labels = [], []
     for name in spec.splits[split]:
-        with open(Path(folder) / name, "rb") as handle:
-            entry = pickle.load(handle, encoding="latin1")  # python-2 pickles of numpy arrays
-        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # rows are CHW
-        labels.append(np.asarray(entry[spec.label_key], dtype=np.int64))
+        data, found = _read_batch(Path(folder) / name, spec)
+        images.append(data)
+        labels.append(found)
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def _read_batch(path: Path, spec: CifarSpec) -> Tuple[np.ndarray, np.ndarray]:
+    """One pickle file's ``uint8 [n, 3, 32, 32]`` rows (CHW) and labels; a truncated, foreign or
+    inconsistent file is named in one sentence."""
+    fix = f"delete {path.parent} and extract {spec.folder} from the archive again"
+    try:
+        with open(path, "rb") as handle:
+            entry = pickle.load(handle, encoding="latin1")  # python-2 pickles of numpy arrays
+        data = np.asarray(entry["data"], dtype=np.uint8)
+        found = np.asarray(entry[spec.label_key], dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AttributeError) as err:
+        reason = f"no {err} entry" if isinstance(err, KeyError) else type(err).__name__
+        raise DataError(f"{path} is truncated or not a {spec.title} pickle ({reason}): {fix}") from None
+    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(found):
+        raise DataError(f"{path} holds {list(data.shape)} pixels for {len(found)} labels, not [N, 3072] "
+                        f"for N labels: {fix}")
+    if len(found) and (found.min() < 0 or found.max() >= spec.num_classes):
+        raise DataError(f"{path} has labels outside 0..{spec.num_classes - 1} (found {found.min()}..{found.max()}): "
+                        f"it is not {spec.title}; {fix}")
+    return data.reshape(-1, 3, 32, 32), found
 
 
 def load(dataset: str, root: Optional[str | Path] = None, *, download: bool = True):
