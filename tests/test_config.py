@@ -82,7 +82,7 @@ def test_recipes_cover_every_pair():
     assert len(RECIPES) >= 90
 
 
-@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("name", [n for n in RECIPES if not n.startswith("coco/")])  # coco: test_detection_train
 def test_every_recipe_builds(name):
     cfg = load_config(name)
     text = find_recipe(name).read_text()

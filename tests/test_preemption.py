@@ -285,6 +285,7 @@ from deepkd.train.lock import acquire_run_lock
 lock = acquire_run_lock(sys.argv[1])
 worker = os.fork()
 if worker == 0:
+    print("ready", flush=True)  # after the fork hooks ran: this copy of the lock is closed
     time.sleep(60)
     os._exit(0)
 print(worker, flush=True)
@@ -296,7 +297,8 @@ def test_lock_dies_with_its_holder_not_its_forked_workers(tmp_path):
     run_dir = tmp_path / "run"
     trainer = subprocess.Popen([sys.executable, "-c", FORKING_TRAINER, str(run_dir)], stdout=subprocess.PIPE,
                                text=True, env=ENV)
-    worker = int(trainer.stdout.readline())  # (the worker holds the pipe open: no communicate())
+    lines = [trainer.stdout.readline().strip() for _ in range(2)]  # the worker's "ready" and its pid, in any order
+    worker = int(next(line for line in lines if line != "ready"))  # (the worker holds the pipe open: no communicate())
     try:
         assert trainer.wait(timeout=60) == 0
         assert (run_dir / LOCK_NAME).exists()  # left behind, like after a SIGKILL

@@ -383,6 +383,76 @@ def write_tinyimagenet() -> None:
                "expected top-1: not published", TINY_MODELS[name], TINY_AUGMENT], recipe)
 
 
+# COCO (spec/DETECTION.md 2.9): the torchvision analogues of DKD's pairs, folder -> (teacher, student,
+# the teacher's box AP on val2017 from torchvision 0.29.1's metadata, the DKD pair it stands for).
+COCO_PAIRS = {
+    "r50fpn-r18fpn": ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet18_fpn", 37.0, "R101 -> R18"),
+    "r50fpnv2-r50fpn": ("fasterrcnn_resnet50_fpn_v2", "fasterrcnn_resnet50_fpn", 46.7, "R101 -> R50"),
+    "r50fpn-mv2fpn": ("fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v2_fpn", 37.0, "R50 -> MV2"),
+}
+COCO_DKD = {"alpha": 1.0, "beta": 0.25, "temperature": 1.0, "warmup_epochs": 0}  # DKD's detection setting
+COCO_TOPK = {"topk": True, "topk_ramp_start": 2, "topk_ramp_end": 9}
+COCO_SGD = {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False}
+COCO_DECOUPLED = {"name": "decoupled", "lr": 0.01, "weight_decay": 1e-4, "weight_decay_stream": "task",
+                  "stream_momentum": {"task": 0.9, "target": 0.825, "non_target": 0.95}}
+COCO_SAME = ("Kept from the papers' Detectron2 setup: batch 8, LR 0.01, 180k iterations (12.3 epochs), decays at "
+             "120k/160k, 1000-iteration warm-up from 0.001, momentum 0.9, weight decay 1e-4, multi-scale 640-800 "
+             "(step 32) train / 800 test, max size 1333, hflip 0.5.")
+COCO_DIFFERENT = ("Differs from Detectron2: torchvision's models, heads and weights (background class first, "
+                  "torchvision's RPN/RoI settings), the student's ImageNet backbone from torchvision with FrozenBN "
+                  "and 3 trainable stages, AP by pycocotools after every epoch.")
+COCO_MOMENTA = ("DeepKD publishes no COCO momenta: task 0.9 = the base momentum, weight decay on the task stream "
+                "(a task momentum of 0.825 would lower the effective LR of every detector loss), target 0.825, "
+                "non-target 0.95 (deepkd's choice).")
+COCO_TOPK_NOTE = ("Top-k mask (deepkd's choice; DeepKD publishes no COCO schedule): topk_ramp_start 2 (after the "
+                  "warm-up epoch, so the K0 phase exists), topk_ramp_end 9 (the epoch in progress at the first LR "
+                  "decay, iteration 120k).")
+
+
+def coco_base(t: str, s: str) -> dict:
+    return {
+        "seed": 0, "output_dir": "runs",
+        "data": {"dataset": "coco", "root": None, "download": True, "batch_size": 8, "eval_batch_size": 1,
+                 "num_workers": 4, "flip": 0.5, "min_size": list(range(640, 801, 32)), "max_size": 1333},
+        "student": {"name": s, "weights": None, "weights_backbone": "torchvision:IMAGENET1K_V1"},
+        "teacher": {"name": t, "weights": "torchvision:COCO_V1"},
+        "optimizer": COCO_SGD,
+        "schedule": {"name": "multistep_iter", "epochs": 13, "max_iterations": 180000, "milestones": [120000, 160000],
+                     "gamma": 0.1, "warmup_iterations": 1000, "warmup_factor": 0.001},
+        "train": {"device": "auto", "precision": "fp32", "checkpoint_every": 5000},
+    }
+
+
+def write_coco() -> None:
+    for folder, (t, s, teacher_ap, dkd_pair) in COCO_PAIRS.items():
+        pair = f"MS-COCO, {t} ({teacher_ap} AP) -> {s}, torchvision analogue of DKD's {dkd_pair}"
+        methods = {
+            "student": ({"name": "ce"}, COCO_SGD, "Student trained alone (Faster R-CNN losses only)", []),
+            "kd": ({"name": "kd", "temperature": 1.0, "ce_weight": 1.0, "kd_weight": 1.0, "warmup_epochs": 0},
+                   COCO_SGD, "KD (Hinton et al., 2015) on the RoI logits, T 1, weights 1 (deepkd's choice)", []),
+            "dkd": ({"name": "dkd", **COCO_DKD}, COCO_SGD, "DKD (Zhao et al., CVPR 2022), COCO table", []),
+            "deepkd_dkd": ({"name": "deepkd_dkd", **COCO_DKD, "topk": False}, COCO_DECOUPLED,
+                           "DeepKD + DKD (Huang et al., 2025), COCO, top-k mask off", [COCO_MOMENTA]),
+            "deepkd_dkd_topk": ({"name": "deepkd_dkd", **COCO_DKD, **COCO_TOPK}, COCO_DECOUPLED,
+                                "DeepKD + DKD with the dynamic top-k mask (Huang et al., 2025), COCO",
+                                [COCO_MOMENTA, COCO_TOPK_NOTE]),
+        }
+        for name, (method, optimizer, title, notes) in methods.items():
+            if name == "deepkd_dkd_topk" and folder == "r50fpn-mv2fpn":
+                published = ("expected AP: not published for this torchvision pair; DeepKD reports 34.20 AP (+1.86) "
+                             "for DKD+DeepKD with the mask, probably R50 -> MV2 in Detectron2")
+            else:
+                published = "expected AP: not listed (DKD's and DeepKD's COCO numbers for this pair: not in the spec)"
+            recipe = dict(coco_base(t, s), experiment=f"coco_{folder}_{name}", method=method, optimizer=optimizer)
+            if name == "student":
+                del recipe["teacher"]
+            recipe = {key: recipe[key] for key in ORDER if key in recipe}
+            header = [f"{title}; {pair}", published, COCO_SAME, COCO_DIFFERENT, *notes]
+            path = ROOT / "coco" / folder / f"{name}.yaml"
+            RECIPES[str(path.relative_to(ROOT))] = "".join(f"# {h}\n" for h in header) + yaml.safe_dump(
+                recipe, sort_keys=False)
+
+
 def recipes() -> Dict[str, str]:
     """Every recipe as ``{path relative to src/deepkd/configs: file text}``."""
     RECIPES.clear()
@@ -397,6 +467,7 @@ def recipes() -> Dict[str, str]:
     write_timm_pair()
     write_cifar10()
     write_tinyimagenet()
+    write_coco()
     return dict(RECIPES)
 
 

@@ -51,8 +51,8 @@ def _parser() -> argparse.ArgumentParser:
 def _train_config(args):
     """The run's config and folder (None: the recipe's own). With ``--resume``, the config must be the one
     stored in ``last.pt`` except for how the run is watched (:func:`deepkd.train.config.check_resume`)."""
+    from deepkd.detection.run import stored_config
     from deepkd.errors import ConfigError
-    from deepkd.train.checkpoint import load_checkpoint
     from deepkd.train.config import apply_overrides, check_resume, load_config, validate_config
     from deepkd.train.loop import run_directory
 
@@ -61,12 +61,12 @@ def _train_config(args):
             raise ConfigError(f"{args.recipe!r} is a run folder: add --resume to continue it")
         run_dir = Path(args.recipe)
         last = run_dir / "last.pt"
-        stored = load_checkpoint(last)["config"]
+        stored = stored_config(last)
         cfg = validate_config(apply_overrides(copy.deepcopy(stored), args.overrides), str(last))
     else:
         cfg, run_dir = load_config(args.recipe, args.overrides), None
         last = run_directory(cfg) / "last.pt"
-        stored = load_checkpoint(last)["config"] if args.resume and last.is_file() else None
+        stored = stored_config(last) if args.resume and last.is_file() else None
     if stored is not None:
         check_resume(stored, cfg, str(last))
     return cfg, run_dir

@@ -1,4 +1,4 @@
-"""``deepkd eval``: top-1/top-5 of a checkpoint on a recipe's test split."""
+"""``deepkd eval``: top-1/top-5 of a checkpoint on a recipe's test split (box AP for a detection recipe)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,6 +15,10 @@ def evaluate_checkpoint(recipe: str, weights: str, overrides: Sequence[str] = ()
     from deepkd.train.loop import evaluate
 
     cfg = load_config(recipe, overrides)
+    if cfg.detection:
+        from deepkd.detection.run import evaluate_detection
+
+        return {"weights": weights, **evaluate_detection(cfg, weights)}
     if not Path(weights).is_file():
         raise MissingFileError(f"checkpoint {weights!r} does not exist")
     device = build.build_device(cfg.train.device)

@@ -22,6 +22,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from deepkd.data import build_data
+from deepkd.detection.coco import CocoDetection, DetectionLoader
+from deepkd.detection.download import prepare_coco
+from deepkd.detection.loop import warmup_multistep_lr
+from deepkd.detection.synthetic import write_synthetic_coco
 from deepkd.errors import ConfigError
 from deepkd.optim import DecoupledMomentumSGD, cosine_lr, step_lr
 from deepkd.provenance import provenance
@@ -112,9 +116,68 @@ class DataConfig(_Strict):
         return self
 
 
+class DetectionSyntheticConfig(_Strict):
+    """The offline synthetic COCO-format shapes (``data.dataset: synthetic_coco``,
+    :func:`deepkd.detection.write_synthetic_coco`), written under ``data.root`` when missing."""
+
+    num_train: int = Field(96, gt=0)
+    num_val: int = Field(48, gt=0)
+    image_size: int = Field(_default(write_synthetic_coco, "size"), gt=0)
+    seed: int = _default(write_synthetic_coco, "seed")
+
+
+DETECTION_DATASET_KEYS = {"coco": ("root", "download"), "synthetic_coco": ("root", "synthetic")}
+COMMON_DETECTION_KEYS = ("dataset", "batch_size", "eval_batch_size", "num_workers", "flip", "min_size", "max_size")
+
+
+class DetectionDataConfig(_Strict):
+    """Detection data (``data.dataset: coco | synthetic_coco``): loaders of
+    :class:`deepkd.detection.DetectionLoader`, and the detectors' input scale. ``min_size``: the
+    shorter sides drawn per training batch (multi-scale); the test uses its last entry, as torchvision's
+    ``GeneralizedRCNNTransform`` does. ``eval_batch_size`` null: ``batch_size``. ``root`` null:
+    ``$DEEPKD_DATA`` or ``~/.cache/deepkd`` (COCO in ``<root>/coco``, the synthetic set in
+    ``<root>/synthetic_coco``)."""
+
+    dataset: Literal[tuple(DETECTION_DATASET_KEYS)]
+    root: Optional[str] = None
+    download: bool = _default(prepare_coco, "download")
+    batch_size: int = Field(8, gt=0)
+    eval_batch_size: Optional[int] = Field(None, gt=0)
+    num_workers: int = Field(_default(DetectionLoader, "workers"), ge=0)
+    flip: float = Field(_default(CocoDetection, "flip"), ge=0, le=1)
+    min_size: List[int] = Field([800], min_length=1)
+    max_size: int = Field(1333, gt=0)
+    synthetic: DetectionSyntheticConfig = DetectionSyntheticConfig()
+
+    def used_keys(self) -> Tuple[str, ...]:
+        return COMMON_DETECTION_KEYS + DETECTION_DATASET_KEYS[self.dataset]
+
+    @model_validator(mode="after")
+    def _check_used(self) -> "DetectionDataConfig":
+        unused = [k for k in type(self).model_fields if k in self.model_fields_set and k not in self.used_keys()]
+        if unused:
+            users = {k: ", ".join(d for d, keys in DETECTION_DATASET_KEYS.items() if k in keys) for k in unused}
+            raise ValueError(f"dataset {self.dataset!r} does not use "
+                             + ", ".join(f"data.{k} (only {users[k]})" for k in unused))
+        return self
+
+
+def _data_tag(value: Any) -> str:
+    dataset = value.get("dataset") if isinstance(value, dict) else getattr(value, "dataset", None)
+    return "detection" if dataset in DETECTION_DATASET_KEYS else "classification"
+
+
+AnyDataConfig = Annotated[Union[Annotated[DataConfig, Tag("classification")],
+                                Annotated[DetectionDataConfig, Tag("detection")]], Discriminator(_data_tag)]
+
+
 class ModelConfig(_Strict):
+    """A model by name with its ``weights``; ``weights_backbone`` (``torchvision:<ENUM>``, the
+    ImageNet backbone of a detection student) only for detectors."""
+
     name: str
     weights: Optional[str] = None
+    weights_backbone: Optional[str] = None
 
 
 # -- method -------------------------------------------------------------------------------------------
@@ -246,8 +309,23 @@ class CosineScheduleConfig(_Strict):
     min_lr: float = _default(cosine_lr, "min_lr")
 
 
+class MultiStepIterScheduleConfig(_Strict):
+    """``multistep_iter`` (detection): :func:`deepkd.detection.warmup_multistep_lr` over optimizer
+    steps: a linear warm-up of ``warmup_iterations`` from ``warmup_factor``, x ``gamma`` at each
+    milestone iteration. ``epochs`` passes over the data, cut at ``max_iterations`` when set (the run
+    then ends, evaluated, mid-epoch); methods see the 1-based epoch in progress."""
+
+    name: Literal["multistep_iter"] = "multistep_iter"
+    epochs: int = Field(gt=0)
+    max_iterations: Optional[int] = Field(None, gt=0)
+    milestones: List[int] = list(_default(warmup_multistep_lr, "milestones"))
+    gamma: float = _default(warmup_multistep_lr, "gamma")
+    warmup_iterations: int = Field(_default(warmup_multistep_lr, "warmup_iterations"), ge=0)
+    warmup_factor: float = Field(_default(warmup_multistep_lr, "warmup_factor"), gt=0, le=1)
+
+
 OptimizerConfig = _choice("sgd", SGDConfig, DecoupledConfig)
-ScheduleConfig = _choice("step", StepScheduleConfig, CosineScheduleConfig)
+ScheduleConfig = _choice("step", StepScheduleConfig, CosineScheduleConfig, MultiStepIterScheduleConfig)
 
 
 # -- the run ------------------------------------------------------------------------------------------
@@ -271,13 +349,16 @@ class TrainConfig(_Strict):
     teacher_cache_dtype: Literal["bf16", "fp32"] = "bf16"
 
 
+DETECTION_TRAIN_KEYS = ("device", "precision", "stop_after_steps", "checkpoint_every")
+
+
 class RunConfig(_Strict):
     """A complete, resolved run: what ``deepkd train`` reads from a recipe."""
 
     experiment: str = "run"
     seed: int = 0
     output_dir: str = "runs"
-    data: DataConfig = DataConfig()
+    data: AnyDataConfig = DataConfig()
     student: ModelConfig
     teacher: Optional[ModelConfig] = None
     method: MethodConfig = MethodConfig()
@@ -297,7 +378,28 @@ class RunConfig(_Strict):
             raise ValueError(f"method {method!r} under optimizer 'sgd' shares one momentum between its streams, which "
                              "trains its base method: set optimizer.name: decoupled (DeepKD), or "
                              "optimizer.allow_base_method: true to train the base method on purpose")
+        self._check_task()
         return self
+
+    @property
+    def detection(self) -> bool:
+        """A detection run (``data.dataset: coco | synthetic_coco``)."""
+        return isinstance(self.data, DetectionDataConfig)
+
+    def _check_task(self) -> None:
+        """Keys the task does not read are errors (detection reads only DETECTION_TRAIN_KEYS of train)."""
+        if self.detection != (self.schedule.name == "multistep_iter"):
+            raise ValueError(f"schedule {self.schedule.name!r} does not fit dataset {self.data.dataset!r}: detection "
+                             "(coco, synthetic_coco) uses schedule.name: multistep_iter, classification step or cosine")
+        if self.detection:
+            unused = sorted(k for k in self.train.model_fields_set if k not in DETECTION_TRAIN_KEYS)
+            if unused:
+                raise ValueError(f"detection does not use {', '.join(f'train.{k}' for k in unused)} (only "
+                                 f"{', '.join(f'train.{k}' for k in DETECTION_TRAIN_KEYS)})")
+            return
+        for role, model in (("student", self.student), ("teacher", self.teacher)):
+            if model is not None and model.weights_backbone is not None:
+                raise ValueError(f"{role}.weights_backbone is only for detectors (data.dataset coco or synthetic_coco)")
 
 
 # -- errors -------------------------------------------------------------------------------------------
@@ -410,6 +512,11 @@ def config_to_dict(cfg: RunConfig) -> Dict[str, Any]:
     data = cfg.model_dump(mode="json")
     data["data"] = {k: v for k, v in data["data"].items() if k in cfg.data.used_keys()}
     data["method"] = {"name": cfg.method.name, **cfg.method.resolved_arguments()}
+    for role in ("student", "teacher"):  # weights_backbone: detectors only
+        if data.get(role) is not None and not cfg.detection:
+            data[role].pop("weights_backbone")
+    if cfg.detection:
+        data["train"] = {k: v for k, v in data["train"].items() if k in DETECTION_TRAIN_KEYS}
     return data
 
 

@@ -256,6 +256,10 @@ def train(cfg: RunConfig, *, resume: bool = False, run_dir: Optional[str | Path]
     the end, so a second run into a live run's folder is refused. ``RANK`` (set by torchrun) names
     rank 0 before the process group exists; a refused rank 0 exits and torchrun stops the others.
     """
+    if cfg.detection:  # data.dataset coco | synthetic_coco: the detection loop, same lock and files
+        from deepkd.detection.run import train_detection
+
+        return train_detection(cfg, resume=resume, run_dir=run_dir)
     run_dir = Path(run_dir) if run_dir is not None else run_directory(cfg)
     last = run_dir / "last.pt"
     main = int(os.environ.get("RANK", "0")) == 0

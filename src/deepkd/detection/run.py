@@ -1,0 +1,161 @@
+"""``deepkd train`` and ``deepkd eval`` of a detection config (``data.dataset: coco | synthetic_coco``).
+
+The only place that turns a detection :class:`deepkd.train.config.RunConfig` into objects: COCO (or
+the synthetic set) loaders, the detectors of :func:`deepkd.detection.create_detector`, the method
+and optimizer of :mod:`deepkd.train.build`, and the iteration schedule; then
+:func:`deepkd.detection.train_detector` runs them under the run folder's lock, as classification
+runs are. The detection checkpoints hold no config: the run folder's ``config.yaml`` (written by a
+fresh run, kept on resume) is the stored config that ``--resume`` is checked against.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import yaml
+from torch import nn
+
+from deepkd.data.cifar import default_root
+from deepkd.detection.coco import CocoDetection, DetectionLoader
+from deepkd.detection.download import coco_paths, prepare_coco
+from deepkd.detection.evaluate import coco_evaluate
+from deepkd.detection.loop import train_detector, warmup_multistep_lr
+from deepkd.detection.models import create_detector
+from deepkd.detection.synthetic import NUM_CLASSES as SYNTHETIC_NUM_CLASSES
+from deepkd.detection.synthetic import write_synthetic_coco
+from deepkd.errors import ConfigError, MissingFileError, RunExistsError
+from deepkd.models import load_weights
+from deepkd.train import build
+from deepkd.train.checkpoint import load_checkpoint, remove_stale_temporaries
+from deepkd.train.config import ModelConfig, RunConfig, check_resume, save_config
+from deepkd.train.distributed import Dist, init_distributed, shutdown_distributed
+from deepkd.train.lock import acquire_run_lock
+
+COCO_NUM_CLASSES = 91  # torchvision's layout: category ids as labels, background 0
+
+
+def _synthetic_folder(cfg: RunConfig, ctx: Dist) -> Tuple[Path, int]:
+    """The synthetic set's folder (one per generator setting, written by rank 0 when missing)."""
+    s = cfg.data.synthetic
+    root = Path(cfg.data.root) if cfg.data.root is not None else default_root()
+    folder = root / f"synthetic_coco_{s.num_train}_{s.num_val}_{s.image_size}px_seed{s.seed}"
+    if ctx.is_main and not (folder / "annotations" / "instances_val.json").is_file():
+        for split, count in (("train", s.num_train), ("val", s.num_val)):  # the JSON last: its presence means done
+            write_synthetic_coco(folder, split, count, size=s.image_size, seed=s.seed)
+    if ctx.enabled:
+        torch.distributed.barrier()
+    return folder, SYNTHETIC_NUM_CLASSES
+
+
+def build_detection_data(cfg: RunConfig, ctx: Dist, *, train: bool = True):
+    """``(train loader or None, val loader, val COCO ground truth, num_classes)``."""
+    data = cfg.data
+    if data.dataset == "coco":
+        folder, num_classes = prepare_coco(data.root, download=data.download), COCO_NUM_CLASSES
+        splits = ("train2017", "val2017")
+        (train_images, train_ann), (val_images, val_ann) = (coco_paths(folder, split) for split in splits)
+    else:
+        folder, num_classes = _synthetic_folder(cfg, ctx)
+        (train_images, train_ann), (val_images, val_ann) = coco_paths(folder, "train"), coco_paths(folder, "val")
+    val = CocoDetection(val_images, val_ann, train=False)
+    val_loader = DetectionLoader(val, data.eval_batch_size or data.batch_size, train=False, workers=data.num_workers,
+                                 rank=ctx.rank, world_size=ctx.world_size)
+    train_loader = None
+    if train:
+        dataset = CocoDetection(train_images, train_ann, train=True, flip=data.flip, seed=cfg.seed)
+        train_loader = DetectionLoader(dataset, data.batch_size, train=True, seed=cfg.seed, workers=data.num_workers,
+                                       rank=ctx.rank, world_size=ctx.world_size)
+    return train_loader, val_loader, val.coco, num_classes
+
+
+def build_detector(model: ModelConfig, cfg: RunConfig, num_classes: int) -> nn.Module:
+    """A registered detector with its weights, at the data section's input scale."""
+    return create_detector(model.name, num_classes, weights=model.weights, weights_backbone=model.weights_backbone,
+                           min_size=tuple(cfg.data.min_size), max_size=cfg.data.max_size)
+
+
+def build_detection_lr(cfg: RunConfig):
+    """``lr_at(step)``: :func:`warmup_multistep_lr` of the schedule section."""
+    s = cfg.schedule
+    return functools.partial(warmup_multistep_lr, base_lr=cfg.optimizer.lr, milestones=tuple(s.milestones),
+                             gamma=s.gamma, warmup_iterations=s.warmup_iterations, warmup_factor=s.warmup_factor)
+
+
+def stored_config(last: str | Path) -> Dict[str, Any]:
+    """The config a run folder's ``last.pt`` was trained with: the checkpoint's own (classification)
+    or the folder's ``config.yaml`` (detection checkpoints hold none)."""
+    last = Path(last)
+    ckpt = load_checkpoint(last)
+    if "config" in ckpt:
+        return ckpt["config"]
+    path = last.parent / "config.yaml"
+    if not path.is_file():
+        raise MissingFileError(f"{str(last)!r} holds no config and {str(path)!r} is missing: cannot check --resume")
+    return yaml.safe_load(path.read_text())
+
+
+def _objects(cfg: RunConfig, device: torch.device, ctx: Dist) -> Dict[str, Any]:
+    """Every object :func:`train_detector` takes, built in a fixed order (the seed fixes the init)."""
+    torch.manual_seed(cfg.seed)
+    train_loader, val_loader, coco_gt, num_classes = build_detection_data(cfg, ctx)
+    method = build.build_method(cfg.method)
+    student = build_detector(cfg.student, cfg, num_classes).to(device)
+    teacher = None
+    if method.needs_teacher:
+        if cfg.teacher is None or not cfg.teacher.weights:
+            raise ConfigError("this method distils from a detection teacher: set teacher.name and teacher.weights "
+                              "(torchvision:COCO_V1 or a trained detector's checkpoint)")
+        teacher = build_detector(cfg.teacher, cfg, num_classes).to(device)
+    return dict(student=student, teacher=teacher, method=method,
+                optimizer=build.build_optimizer(cfg.optimizer, student), lr_at=build_detection_lr(cfg),
+                train_loader=train_loader, val_loader=val_loader, coco_gt=coco_gt)
+
+
+def train_detection(cfg: RunConfig, *, resume: bool = False, run_dir: Optional[str | Path] = None) -> Dict[str, Any]:
+    """Train (or resume) a detection run in ``run_dir`` (default ``<output_dir>/<experiment>/seed<seed>``);
+    returns the summary of :func:`train_detector` (also ``summary.json``). Best checkpoint by AP."""
+    from deepkd.train.loop import run_directory
+
+    run_dir = Path(run_dir) if run_dir is not None else run_directory(cfg)
+    last = run_dir / "last.pt"
+    main = int(os.environ.get("RANK", "0")) == 0
+    with acquire_run_lock(run_dir) if main else contextlib.nullcontext():
+        if not resume and last.exists():
+            raise RunExistsError(f"run directory {str(run_dir)!r} already holds a checkpoint; "
+                                 "pass --resume to continue it or choose another experiment name")
+        resuming = resume and last.exists()
+        if main:
+            remove_stale_temporaries(run_dir)
+            if resuming:
+                check_resume(stored_config(last), cfg, str(last))
+            else:
+                save_config(cfg, run_dir / "config.yaml")
+        device = build.build_device(cfg.train.device)
+        ctx = init_distributed(device.type)
+        if ctx.enabled and device.type == "cuda":
+            device = torch.device("cuda", ctx.local_rank)
+            torch.cuda.set_device(device)
+        try:
+            return train_detector(**_objects(cfg, device, ctx), epochs=cfg.schedule.epochs, device=device,
+                                  run_dir=run_dir, seed=cfg.seed, ctx=ctx, precision=cfg.train.precision,
+                                  resume=resuming, checkpoint_every=cfg.train.checkpoint_every,
+                                  stop_after_steps=cfg.train.stop_after_steps or None,
+                                  max_steps=cfg.schedule.max_iterations)
+        finally:
+            shutdown_distributed(ctx)
+
+
+def evaluate_detection(cfg: RunConfig, weights: str | Path) -> Dict[str, float]:
+    """Box AP (``AP``, ``AP50``, ... in percent) of the checkpoint ``weights`` of the config's student
+    on the validation split (val2017, or the synthetic set's val)."""
+    if not Path(weights).is_file():
+        raise MissingFileError(f"checkpoint {str(weights)!r} does not exist")
+    device = build.build_device(cfg.train.device)
+    _, val_loader, coco_gt, num_classes = build_detection_data(cfg, Dist(), train=False)
+    model = build_detector(cfg.student.model_copy(update={"weights": None}), cfg, num_classes)
+    load_weights(model, weights)
+    return coco_evaluate(model.to(device), val_loader, coco_gt, device=device)

@@ -1,0 +1,159 @@
+"""``deepkd train`` / ``deepkd eval`` of detection configs on the synthetic COCO-format set: the files
+a run writes, best checkpoint by AP, exact resume, strict keys, and the shipped COCO recipes."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from deepkd.cli import main
+from deepkd.detection import list_detectors
+from deepkd.detection.run import build_detection_lr
+from deepkd.train import build
+from deepkd.train.config import ConfigError, config_to_dict, is_deepkd_method, load_config
+from deepkd.train.logs import read_jsonl
+from deepkd.train.recipes import find_recipe, list_recipes
+
+COCO_RECIPES = list_recipes("coco/")
+
+
+def _recipe(tmp_path, name, method, teacher=None, optimizer=None, epochs=2, milestones=(6,)):
+    """A tiny synthetic detection recipe: 8 train / 4 val images of 128 px, batch 2 (4 steps an epoch)."""
+    recipe = {
+        "experiment": name, "seed": 0, "output_dir": str(tmp_path / "runs"),
+        "data": {"dataset": "synthetic_coco", "root": str(tmp_path / "data"), "batch_size": 2, "eval_batch_size": 4,
+                 "min_size": [128], "max_size": 128, "synthetic": {"num_train": 8, "num_val": 4}},
+        "student": {"name": "tiny_fasterrcnn"},
+        "method": method,
+        "optimizer": optimizer or {"name": "sgd", "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4},
+        "schedule": {"name": "multistep_iter", "epochs": epochs, "milestones": list(milestones),
+                     "warmup_iterations": 3},
+        "train": {"device": "cpu"},
+    }
+    if teacher is not None:
+        recipe["teacher"] = {"name": "tiny_fasterrcnn", "weights": str(teacher)}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+DKD = {"name": "dkd", "alpha": 1.0, "beta": 0.25, "temperature": 1.0, "warmup_epochs": 0}
+DEEPKD = {**DKD, "name": "deepkd_dkd", "topk": True, "topk_ramp_start": 1, "topk_ramp_end": 2}
+DECOUPLED = {"name": "decoupled", "lr": 0.02, "weight_decay": 1e-4, "weight_decay_stream": "task",
+             "stream_momentum": {"task": 0.9, "target": 0.825, "non_target": 0.95}}
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A teacher trained by ``deepkd train`` (its recipe and best.pt)."""
+    tmp = tmp_path_factory.mktemp("teacher")
+    recipe = _recipe(tmp, "teacher", {"name": "ce"}, epochs=TEACHER_EPOCHS, milestones=(4 * TEACHER_EPOCHS - 8,))
+    assert main(["train", recipe]) == 0
+    return recipe, tmp / "runs" / "teacher" / "seed0"
+
+
+TEACHER_EPOCHS = 12
+
+
+def test_eval_gives_the_ap_logged_for_the_best_checkpoint(teacher, capsys):
+    recipe, run = teacher
+    records = read_jsonl(run / "metrics.jsonl")
+    best = max(records, key=lambda r: r["AP"])  # best.pt holds the first epoch with the best AP
+    assert best["AP"] > 0 and json.loads((run / "summary.json").read_text())["best_AP"] == best["AP"]
+    capsys.readouterr()
+    assert main(["eval", recipe, str(run / "best.pt")]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {k: evaluated[k] for k in ("AP", "AP50", "AP75")} == {k: best[k] for k in ("AP", "AP50", "AP75")}
+
+
+def test_train_writes_ap_best_and_summary_and_eval_reads_it(tmp_path, teacher, capsys):
+    recipe = _recipe(tmp_path, "dkd", DKD, teacher=teacher[1] / "best.pt")
+    assert main(["train", recipe]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    run = tmp_path / "runs" / "dkd" / "seed0"
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2] and [r["step"] for r in records] == [4, 8]
+    assert all("AP" in r and "train_loss/nckd" in r for r in records)
+    assert summary["status"] == "finished" and summary["best_AP"] == max(r["AP"] for r in records)
+    for name in ("best.pt", "last.pt", "summary.json", "config.yaml"):
+        assert (run / name).is_file()
+    # config.yaml is a recipe again, with every key the run read
+    assert config_to_dict(load_config(str(run / "config.yaml"))) == config_to_dict(load_config(recipe))
+    assert main(["train", recipe]) == 2  # the folder holds a run: --resume or another experiment
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_stop_and_resume_is_bit_identical(tmp_path, teacher, capsys):
+    whole = _recipe(tmp_path, "whole", DEEPKD, teacher=teacher[1] / "best.pt", optimizer=DECOUPLED)
+    parts = _recipe(tmp_path, "parts", DEEPKD, teacher=teacher[1] / "best.pt", optimizer=DECOUPLED)
+    assert main(["train", whole]) == 0
+    assert main(["train", parts, "train.stop_after_steps=3"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["status"] == "stopped"
+    assert main(["train", parts, "--resume", "optimizer.lr=0.1"]) == 2  # the run's config may not change
+    assert "optimizer.lr 0.02 -> 0.1" in capsys.readouterr().err
+    assert main(["train", parts, "--resume"]) == 0
+    a, b = (torch.load(tmp_path / "runs" / n / "seed0" / "last.pt", weights_only=True) for n in ("whole", "parts"))
+    assert a["step"] == b["step"] == 8 and a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    logged = [[{k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(tmp_path / "runs" / n / "seed0" /
+                                                                                 "metrics.jsonl")]
+              for n in ("whole", "parts")]
+    assert logged[0] == logged[1] and logged[0][-1]["topk"] is not None
+
+
+@pytest.mark.parametrize("override, match", [
+    ("data.download=true", "dataset 'synthetic_coco' does not use data.download"),
+    ("train.compile=true", "detection does not use train.compile"),
+    ("schedule={name: step}", "schedule 'step' does not fit dataset 'synthetic_coco'"),
+    ("schedule.name=step", "schedule 'step' does not use schedule.warmup_iterations"),
+    ("schedule.warmup_iteration=5", "did you mean 'schedule.warmup_iterations'"),
+    ("data.synthetic.num_vall=3", "did you mean 'data.synthetic.num_val'"),
+])
+def test_unused_or_unknown_keys_are_errors(tmp_path, override, match):
+    recipe = _recipe(tmp_path, "strict", {"name": "ce"})
+    with pytest.raises(ConfigError, match=match):
+        load_config(recipe, [override])
+
+
+def test_detection_keys_are_errors_in_classification():
+    with pytest.raises(ConfigError, match="student.weights_backbone is only for detectors"):
+        load_config("cifar100/resnet32x4-resnet8x4/dkd", ["student.weights_backbone=torchvision:IMAGENET1K_V1"])
+    with pytest.raises(ConfigError, match="does not use data.min_size"):
+        load_config("cifar100/resnet32x4-resnet8x4/dkd", ["data.min_size=[800]"])
+
+
+def test_the_iteration_schedule_warms_up_and_decays(tmp_path):
+    cfg = load_config(_recipe(tmp_path, "lr", {"name": "ce"}))
+    lr = build_detection_lr(cfg)
+    assert lr(0) == pytest.approx(0.02 * 0.001) and lr(3) == pytest.approx(0.02) and lr(6) == pytest.approx(0.002)
+
+
+def test_coco_recipes_cover_the_three_pairs():
+    pairs = {name.split("/")[1] for name in COCO_RECIPES}
+    assert len(pairs) == 3
+    for pair in pairs:
+        assert {n.rsplit("/", 1)[1] for n in COCO_RECIPES if f"/{pair}/" in n} == {
+            "student", "kd", "dkd", "deepkd_dkd", "deepkd_dkd_topk"}
+
+
+@pytest.mark.parametrize("name", COCO_RECIPES)
+def test_every_coco_recipe_builds(name):
+    cfg, text = load_config(name), find_recipe(name).read_text()
+    assert text.startswith("# ") and "expected AP" in text and "Detectron2" in text
+    assert cfg.detection and {cfg.student.name, *(m.name for m in [cfg.teacher] if m)} <= set(list_detectors())
+    method = build.build_method(cfg.method)
+    assert method.needs_teacher == (cfg.teacher is not None)
+    if cfg.method.name != "ce":  # pitfall 6: no CIFAR defaults
+        assert cfg.method.resolved_arguments()["temperature"] == 1.0
+    if is_deepkd_method(cfg.method.name):  # pitfall 8: task momentum = the base 0.9, weight decay on task
+        assert cfg.optimizer.stream_momentum["task"] == 0.9 and cfg.optimizer.weight_decay_stream == "task"
+        if cfg.method.arguments()["topk"]:  # pitfall 7: the ramp's start is explicit
+            assert {"topk_ramp_start", "topk_ramp_end"} <= set(cfg.method.arguments())
+    from deepkd.detection import create_detector
+
+    with torch.device("meta"):  # the architecture only: no weight download
+        student = create_detector(cfg.student.name, 91)
+        if cfg.teacher is not None:
+            create_detector(cfg.teacher.name, 91)
+    optimizer = build.build_optimizer(cfg.optimizer, student)
+    assert len(optimizer.param_groups) == 1 and build_detection_lr(cfg)(0) > 0
