@@ -157,3 +157,31 @@ def test_every_coco_recipe_builds(name):
             create_detector(cfg.teacher.name, 91)
     optimizer = build.build_optimizer(cfg.optimizer, student)
     assert len(optimizer.param_groups) == 1 and build_detection_lr(cfg)(0) > 0
+
+
+def test_sigterm_saves_the_step_and_resume_ends_identical(tmp_path, teacher):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    whole = _recipe(tmp_path, "whole", DKD, teacher=teacher[1] / "best.pt", epochs=6)
+    parts = _recipe(tmp_path, "parts", DKD, teacher=teacher[1] / "best.pt", epochs=6)
+    assert main(["train", whole]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same kernels as the runs in this process
+    process = subprocess.Popen([sys.executable, "-m", "deepkd.cli", "train", parts], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "runs" / "parts" / "seed0" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not metrics.is_file() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # after the first epoch's evaluation: mid-run
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-2000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["status"] == "stopped" and summary["reason"] == "SIGTERM" and 4 <= summary["step"] < 24
+    assert main(["train", parts, "--resume"]) == 0
+    a, b = (torch.load(tmp_path / "runs" / n / "seed0" / "last.pt", weights_only=True) for n in ("whole", "parts"))
+    assert a["step"] == b["step"] == 24
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

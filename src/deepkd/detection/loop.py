@@ -26,6 +26,7 @@ from deepkd.losses import Method
 from deepkd.train.checkpoint import FORMAT, atomic_save, load_checkpoint, rng_state, set_rng_state
 from deepkd.train.distributed import Dist, all_reduce_sum, broadcast_module
 from deepkd.train.logs import METRICS_JSONL, MetricsWriter, read_jsonl
+from deepkd.train.signals import StopSignals
 
 
 def warmup_multistep_lr(iteration: int, *, base_lr: float, milestones: Sequence[int] = (), gamma: float = 0.1,
@@ -114,9 +115,9 @@ def _to_device(images, targets, device: torch.device):
             [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets])
 
 
-def _train_epoch(run: _Run, position: Position) -> Optional[Dict[str, float]]:
+def _train_epoch(run: _Run, position: Position, stop: StopSignals) -> Optional[Dict[str, float]]:
     """Train ``position.epoch`` from ``position.batch`` on (to its end or ``max_steps``); the epoch's
-    mean terms, or None when stopped at ``stop_after_steps``."""
+    mean terms, or None when stopped (a signal, or ``stop_after_steps``; ``last.pt`` holds the step)."""
     sums = {k: v.clone() for k, v in position.meters.items()}
     batches = run.train_loader.iter_epoch(position.epoch, position.batch)
     for index, (images, targets) in enumerate(batches, start=position.batch):
@@ -136,7 +137,8 @@ def _train_epoch(run: _Run, position: Position) -> Optional[Dict[str, float]]:
             value = value.detach().double().cpu()
             sums[name] = sums[name] + value if name in sums else value
         position.batch, position.step, position.meters = index + 1, position.step + 1, sums
-        stopping = position.step == run.stop_after_steps
+        # every step already all-reduces its loss, so the ranks can agree on a signal at each one
+        stopping = stop.agreed(run, sync_point=True) or position.step == run.stop_after_steps
         if stopping or (run.checkpoint_every and position.step % run.checkpoint_every == 0):
             _save(run, "last.pt", position)
         if stopping:
@@ -210,13 +212,15 @@ def train_detector(*, student: nn.Module, teacher: Optional[nn.Module], method: 
 
 def _epochs(run: _Run, position: Position) -> Dict[str, Any]:
     started = time.time()
-    while not run.done(position):
-        epoch_started = time.time()
-        train = _train_epoch(run, position)
-        if train is None:
-            run.log(f"stopped at step {position.step}; resume from {str(run.run_dir / 'last.pt')!r}")
-            return {"status": "stopped", "step": position.step, "run_dir": str(run.run_dir)}
-        _end_epoch(run, position, train, time.time() - epoch_started)
+    with StopSignals() as stop:  # Ctrl-C, SIGTERM, SIGUSR1: save this step and return "stopped"
+        while not run.done(position):
+            epoch_started = time.time()
+            train = _train_epoch(run, position, stop)
+            if train is None:
+                reason = stop.reason or "stop_after_steps"
+                run.log(f"stopped at step {position.step} ({reason}); resume from {str(run.run_dir / 'last.pt')!r}")
+                return {"status": "stopped", "reason": reason, "step": position.step, "run_dir": str(run.run_dir)}
+            _end_epoch(run, position, train, time.time() - epoch_started)
     records = [r for r in read_jsonl(run.run_dir / METRICS_JSONL) if "AP" in r] if run.ctx.is_main else []
     best = max(records, key=lambda r: r["AP"]) if records else {}
     summary = {"status": "finished", "best_AP": position.best, "best_epoch": best.get("epoch"),

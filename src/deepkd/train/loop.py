@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -40,6 +39,7 @@ from deepkd.train.distributed import (
 )
 from deepkd.train.lock import acquire_run_lock
 from deepkd.train.logs import MetricsWriter, Progress
+from deepkd.train.signals import StopSignals as _Interrupt
 from deepkd.train.step import optimize
 
 
@@ -279,60 +279,6 @@ def train(cfg: RunConfig, *, resume: bool = False, run_dir: Optional[str | Path]
             if run.writer is not None:
                 run.writer.close()
             shutdown_distributed(run.ctx)
-
-
-class _Interrupt:
-    """Ctrl-C, SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before a kill) set a flag; the
-    loop then saves ``last.pt`` at the current step and returns "stopped" (``deepkd`` exits 0). A
-    second signal aborts at once (KeyboardInterrupt; a checkpoint being written is left intact).
-
-    Several ranks agree to stop with one all-reduce of the flag at each step that already waits for
-    the device (every ``train.log_every`` steps, checkpoint steps, an epoch's last batch), so all
-    stop after the same step; a rank stopping alone would block the others in their next
-    all-reduce. The grace period before the kill (SLURM's KillWait, Kubernetes'
-    terminationGracePeriodSeconds: 30 s by default) must cover ``log_every`` steps and one save.
-    """
-
-    SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
-
-    def __init__(self):
-        self.reason: Optional[str] = None
-        self._previous: Dict[int, Any] = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.reason is not None
-
-    def __enter__(self):
-        def handler(signum, frame):
-            if self.requested:
-                raise KeyboardInterrupt
-            self.reason = signal.Signals(signum).name
-
-        try:
-            for name in self.SIGNALS:
-                if hasattr(signal, name):  # no SIGUSR1 on Windows
-                    number = getattr(signal, name)
-                    self._previous[number] = signal.signal(number, handler)
-        except ValueError:  # not the main thread: leave the signals alone
-            pass
-        return self
-
-    def __exit__(self, *exc):
-        for number, previous in self._previous.items():
-            signal.signal(number, previous)
-        return False
-
-    def agreed(self, run: Run, sync_point: bool) -> bool:
-        """Whether every rank stops after this step (see the class docstring)."""
-        if not run.ctx.enabled:
-            return self.requested
-        if not sync_point:
-            return False
-        stopping = bool(all_reduce_sum(torch.tensor(float(self.requested), device=run.device), run.ctx) > 0)
-        if stopping and self.reason is None:
-            self.reason = "a signal to another rank"
-        return stopping
 
 
 def _run_epoch(run: Run, position: Position, stop: _Interrupt) -> Optional[Dict[str, float]]:
