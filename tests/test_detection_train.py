@@ -185,3 +185,31 @@ def test_sigterm_saves_the_step_and_resume_ends_identical(tmp_path, teacher):
     a, b = (torch.load(tmp_path / "runs" / n / "seed0" / "last.pt", weights_only=True) for n in ("whole", "parts"))
     assert a["step"] == b["step"] == 24
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_summary_reports_box_ap(teacher, capsys):
+    recipe, run = teacher
+    capsys.readouterr()
+    assert main(["summary", str(run), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]
+    records = read_jsonl(run / "metrics.jsonl")
+    assert row["metric"] == "AP" and row["runs"] == 1
+    assert row["best_AP"]["mean"] == max(r["AP"] for r in records) and row["last_AP"]["mean"] == records[-1]["AP"]
+    assert main(["summary", str(run)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("AP")
+
+
+def test_plot_draws_box_ap_and_loss_terms(teacher, tmp_path, monkeypatch):
+    from deepkd.commands import plots
+
+    drawn = {}
+    real = plots._curves
+
+    def record(ax, runs, data, keys, title, log=False):
+        drawn[title] = list(keys)
+        return real(ax, runs, data, keys, title, log)
+
+    monkeypatch.setattr(plots, "_curves", record)
+    written = plots.plot_runs([str(teacher[1])], tmp_path)
+    assert written[0].is_file() and drawn["box AP (%)"] == ["AP", "AP50"]
+    assert "train_loss/loss_box_reg" in drawn["training losses"] and "test top-1 (%)" not in drawn

@@ -43,15 +43,21 @@ def _curves(ax, runs: List[Path], data: Dict[Path, list], keys: Sequence[str], t
 
 
 def plot_runs(paths: Sequence[str | Path], out: Optional[str | Path] = None) -> List[Path]:
-    """Write ``curves.png`` (accuracy, loss, LR, K) and, when recorded, ``gsnr.png``; returns paths."""
+    """Write ``curves.png`` (accuracy or box AP, losses, LR, K) and, when recorded, ``gsnr.png``; returns paths."""
     runs = find_runs(paths)
     out_dir = Path(out) if out is not None else runs[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     data = {r: read_jsonl(r / METRICS_JSONL) for r in runs}
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    _curves(axes[0, 0], runs, data, ["test_top1"], "test top-1 (%)")
-    _curves(axes[0, 1], runs, data, ["train_loss", "test_loss"], "loss")
+    detection = any("AP" in r for records in data.values() for r in records)
+    if detection:  # detection runs log box AP and each detector / distillation loss term
+        _curves(axes[0, 0], runs, data, ["AP", "AP50"], "box AP (%)")
+        terms = sorted({k for records in data.values() for r in records for k in r if k.startswith("train_loss")})
+        _curves(axes[0, 1], runs, data, terms, "training losses")
+    else:
+        _curves(axes[0, 0], runs, data, ["test_top1"], "test top-1 (%)")
+        _curves(axes[0, 1], runs, data, ["train_loss", "test_loss"], "loss")
     _curves(axes[1, 0], runs, data, ["lr"], "learning rate", log=True)
     _curves(axes[1, 1], runs, data, ["topk"], "dynamic top-k mask: K")
     fig.tight_layout()
