@@ -213,3 +213,31 @@ def test_plot_draws_box_ap_and_loss_terms(teacher, tmp_path, monkeypatch):
     written = plots.plot_runs([str(teacher[1])], tmp_path)
     assert written[0].is_file() and drawn["box AP (%)"] == ["AP", "AP50"]
     assert "train_loss/loss_box_reg" in drawn["training losses"] and "test top-1 (%)" not in drawn
+
+
+def test_two_process_detection_run_logs_the_saved_students_ap(tmp_path, teacher, capsys):
+    """torchrun, 2 ranks on gloo: each trains on its shard and the AP is gathered over both shards of the
+    val set; `deepkd eval` of best.pt (one process, the whole val set) gives the AP the run logged. (The
+    BatchNorm averaging itself is shown by tests/test_train.py; on this tiny set it changes no box.)"""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    recipe = _recipe(tmp_path, "ddp", DKD, teacher=teacher[1] / "best.pt", epochs=2)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={port}", "-m", "deepkd.cli", "train", recipe],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "runs" / "ddp" / "seed0"
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [2, 4]  # detection batches are per rank: 8 images / (2 x 2)
+    best = max(records, key=lambda r: r["AP"])
+    capsys.readouterr()
+    assert main(["eval", recipe, str(run / "best.pt")]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {k: evaluated[k] for k in ("AP", "AP50")} == {k: best[k] for k in ("AP", "AP50")}

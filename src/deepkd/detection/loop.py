@@ -24,7 +24,7 @@ from deepkd.detection.step import detection_train_step, optimizer_params
 from deepkd.errors import ConfigError, RunExistsError, TrainingError
 from deepkd.losses import Method
 from deepkd.train.checkpoint import FORMAT, atomic_save, load_checkpoint, rng_state, set_rng_state
-from deepkd.train.distributed import Dist, all_reduce_sum, broadcast_module
+from deepkd.train.distributed import Dist, all_reduce_sum, average_batchnorm_statistics, broadcast_module
 from deepkd.train.logs import METRICS_JSONL, MetricsWriter, read_jsonl
 from deepkd.train.signals import StopSignals
 
@@ -140,6 +140,7 @@ def _train_epoch(run: _Run, position: Position, stop: StopSignals) -> Optional[D
         # every step already all-reduces its loss, so the ranks can agree on a signal at each one
         stopping = stop.agreed(run, sync_point=True) or position.step == run.stop_after_steps
         if stopping or (run.checkpoint_every and position.step % run.checkpoint_every == 0):
+            average_batchnorm_statistics(run.student, run.ctx)  # every rank: the checkpoint is rank 0's
             _save(run, "last.pt", position)
         if stopping:
             return None
@@ -152,6 +153,7 @@ def _train_epoch(run: _Run, position: Position, stop: StopSignals) -> Optional[D
 def _end_epoch(run: _Run, position: Position, train: Dict[str, float], seconds: float) -> None:
     """Evaluate when due, log the epoch, write ``best.pt`` (on a better AP) and ``last.pt``."""
     epoch = position.epoch
+    average_batchnorm_statistics(run.student, run.ctx)  # one set of statistics for the AP and the saves
     due = epoch % max(run.eval_every, 1) == 0 or epoch == run.epochs or run.done(position)
     ap = coco_evaluate(run.student, run.val_loader, run.coco_gt, run.ctx, run.device) if due else None
     record = {"epoch": epoch, "step": position.step, "lr": run.optimizer.param_groups[0]["lr"], **train,
