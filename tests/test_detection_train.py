@@ -241,3 +241,11 @@ def test_two_process_detection_run_logs_the_saved_students_ap(tmp_path, teacher,
     assert main(["eval", recipe, str(run / "best.pt")]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {k: evaluated[k] for k in ("AP", "AP50")} == {k: best[k] for k in ("AP", "AP50")}
+
+
+def test_progress_lines_every_log_every_steps(tmp_path, teacher, capsys):
+    recipe = _recipe(tmp_path, "lines", DKD, teacher=teacher[1] / "best.pt", epochs=1)
+    assert main(["train", recipe, "train.progress=lines", "train.log_every=2"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1/1 [")]
+    assert [line.split("]")[0] for line in lines] == ["epoch 1/1 [2/4", "epoch 1/1 [4/4"]
+    assert all("loss=" in line for line in lines)

@@ -25,7 +25,7 @@ from deepkd.errors import ConfigError, RunExistsError, TrainingError
 from deepkd.losses import Method
 from deepkd.train.checkpoint import FORMAT, atomic_save, load_checkpoint, rng_state, set_rng_state
 from deepkd.train.distributed import Dist, all_reduce_sum, average_batchnorm_statistics, broadcast_module
-from deepkd.train.logs import METRICS_JSONL, MetricsWriter, read_jsonl
+from deepkd.train.logs import METRICS_JSONL, MetricsWriter, Progress, read_jsonl
 from deepkd.train.signals import StopSignals
 
 
@@ -79,6 +79,7 @@ class _Run:
     log: Callable[[str], None]
     params: list = field(default_factory=list)
     writer: Optional[MetricsWriter] = None
+    progress: Progress = field(default_factory=lambda: Progress("none"))
 
     def done(self, position: Position) -> bool:
         return position.epoch > self.epochs or (self.max_steps is not None and position.step >= self.max_steps)
@@ -119,7 +120,9 @@ def _train_epoch(run: _Run, position: Position, stop: StopSignals) -> Optional[D
     """Train ``position.epoch`` from ``position.batch`` on (to its end or ``max_steps``); the epoch's
     mean terms, or None when stopped (a signal, or ``stop_after_steps``; ``last.pt`` holds the step)."""
     sums = {k: v.clone() for k, v in position.meters.items()}
-    batches = run.train_loader.iter_epoch(position.epoch, position.batch)
+    total, desc, started = len(run.train_loader), f"epoch {position.epoch}/{run.epochs}", time.time()
+    batches = run.progress.wrap(run.train_loader.iter_epoch(position.epoch, position.batch), total=total,
+                                start=position.batch, desc=desc)
     for index, (images, targets) in enumerate(batches, start=position.batch):
         for group in run.optimizer.param_groups:
             group["lr"] = run.lr_at(position.step)
@@ -137,6 +140,7 @@ def _train_epoch(run: _Run, position: Position, stop: StopSignals) -> Optional[D
             value = value.detach().double().cpu()
             sums[name] = sums[name] + value if name in sums else value
         position.batch, position.step, position.meters = index + 1, position.step + 1, sums
+        run.progress.step(desc, index + 1, total, {"loss": float(loss)}, started)
         # every step already all-reduces its loss, so the ranks can agree on a signal at each one
         stopping = stop.agreed(run, sync_point=True) or position.step == run.stop_after_steps
         if stopping or (run.checkpoint_every and position.step % run.checkpoint_every == 0):
@@ -176,7 +180,8 @@ def train_detector(*, student: nn.Module, teacher: Optional[nn.Module], method: 
                    val_loader: DetectionLoader, coco_gt, epochs: int, device: torch.device, run_dir: str | Path,
                    seed: int = 0, ctx: Optional[Dist] = None, precision: str = "fp32", resume: bool = False,
                    eval_every: int = 1, checkpoint_every: int = 0, stop_after_steps: Optional[int] = None,
-                   max_steps: Optional[int] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
+                   max_steps: Optional[int] = None, log: Callable[[str], None] = print,
+                   progress: Optional[Progress] = None) -> Dict[str, Any]:
     """Train ``student`` for ``epochs`` epochs (or resume ``run_dir/last.pt``); returns the summary.
 
     ``lr_at(step)`` gives the learning rate of optimizer step ``step`` (0-based; e.g.
@@ -185,7 +190,8 @@ def train_detector(*, student: nn.Module, teacher: Optional[nn.Module], method: 
     end; ``best.pt`` follows the best AP. ``max_steps``: an iteration budget (the run ends, evaluated,
     after that many steps even mid-epoch). ``seed`` seeds the global RNG of a fresh run (the RPN and
     RoI samplers draw from it; a resume restores the saved RNG instead). ``checkpoint_every`` steps
-    and ``stop_after_steps`` (then returns status "stopped") write ``last.pt`` mid-epoch.
+    and ``stop_after_steps`` (then returns status "stopped") write ``last.pt`` mid-epoch. ``progress``
+    (:class:`deepkd.train.logs.Progress`): a bar or a line every few steps; none by default.
     """
     run_dir, last, ctx = Path(run_dir), Path(run_dir) / "last.pt", ctx or Dist()
     if last.exists() and not resume:
@@ -198,7 +204,8 @@ def train_detector(*, student: nn.Module, teacher: Optional[nn.Module], method: 
         run_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(student.train(), teacher, method, optimizer, lr_at, train_loader, val_loader, coco_gt, epochs, device,
                run_dir, ctx, precision, eval_every, checkpoint_every, stop_after_steps, max_steps, log,
-               optimizer_params(optimizer), MetricsWriter(run_dir, tensorboard="off") if ctx.is_main else None)
+               optimizer_params(optimizer), MetricsWriter(run_dir, tensorboard="off") if ctx.is_main else None,
+               progress or Progress("none"))
     if resume and last.exists():
         position = _restore(run, last)
     else:

@@ -34,6 +34,7 @@ from deepkd.train.checkpoint import load_checkpoint, remove_stale_temporaries
 from deepkd.train.config import ModelConfig, RunConfig, check_resume, save_config
 from deepkd.train.distributed import Dist, init_distributed, shutdown_distributed
 from deepkd.train.lock import acquire_run_lock
+from deepkd.train.logs import Progress
 
 COCO_NUM_CLASSES = 91  # torchvision's layout: category ids as labels, background 0
 
@@ -144,7 +145,8 @@ def train_detection(cfg: RunConfig, *, resume: bool = False, run_dir: Optional[s
                                   run_dir=run_dir, seed=cfg.seed, ctx=ctx, precision=cfg.train.precision,
                                   resume=resuming, checkpoint_every=cfg.train.checkpoint_every,
                                   stop_after_steps=cfg.train.stop_after_steps or None,
-                                  max_steps=cfg.schedule.max_iterations)
+                                  max_steps=cfg.schedule.max_iterations,
+                                  progress=Progress(cfg.train.progress, cfg.train.log_every, enabled=ctx.is_main))
         finally:
             shutdown_distributed(ctx)
 

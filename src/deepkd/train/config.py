@@ -349,7 +349,7 @@ class TrainConfig(_Strict):
     teacher_cache_dtype: Literal["bf16", "fp32"] = "bf16"
 
 
-DETECTION_TRAIN_KEYS = ("device", "precision", "stop_after_steps", "checkpoint_every")
+DETECTION_TRAIN_KEYS = ("device", "precision", "stop_after_steps", "checkpoint_every", "progress", "log_every")
 
 
 class RunConfig(_Strict):
