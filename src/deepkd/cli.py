@@ -51,10 +51,9 @@ def _parser() -> argparse.ArgumentParser:
 def _train_config(args):
     """The run's config and folder (None: the recipe's own). With ``--resume``, the config must be the one
     stored in ``last.pt`` except for how the run is watched (:func:`deepkd.train.config.check_resume`)."""
-    from deepkd.detection.run import stored_config
     from deepkd.errors import ConfigError
     from deepkd.train.config import apply_overrides, check_resume, load_config, validate_config
-    from deepkd.train.loop import run_directory
+    from deepkd.train.run_folder import run_directory, stored_config
 
     if Path(args.recipe).is_dir():
         if not args.resume:

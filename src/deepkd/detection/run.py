@@ -9,14 +9,12 @@ fresh run, kept on resume) is the stored config that ``--resume`` is checked aga
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-import yaml
 from torch import nn
 
 from deepkd.data.cifar import default_root
@@ -27,14 +25,13 @@ from deepkd.detection.loop import train_detector, warmup_multistep_lr
 from deepkd.detection.models import create_detector
 from deepkd.detection.synthetic import NUM_CLASSES as SYNTHETIC_NUM_CLASSES
 from deepkd.detection.synthetic import write_synthetic_coco
-from deepkd.errors import ConfigError, MissingFileError, RunExistsError
+from deepkd.errors import ConfigError, MissingFileError
 from deepkd.models import load_weights
 from deepkd.train import build
-from deepkd.train.checkpoint import load_checkpoint, remove_stale_temporaries
-from deepkd.train.config import ModelConfig, RunConfig, check_resume, save_config
+from deepkd.train.config import ModelConfig, RunConfig, save_config
 from deepkd.train.distributed import Dist, init_distributed, shutdown_distributed
-from deepkd.train.lock import acquire_run_lock
 from deepkd.train.logs import Progress
+from deepkd.train.run_folder import claim_run_folder
 
 COCO_NUM_CLASSES = 91  # torchvision's layout: category ids as labels, background 0
 
@@ -86,19 +83,6 @@ def build_detection_lr(cfg: RunConfig):
                              gamma=s.gamma, warmup_iterations=s.warmup_iterations, warmup_factor=s.warmup_factor)
 
 
-def stored_config(last: str | Path) -> Dict[str, Any]:
-    """The config a run folder's ``last.pt`` was trained with: the checkpoint's own (classification)
-    or the folder's ``config.yaml`` (detection checkpoints hold none)."""
-    last = Path(last)
-    ckpt = load_checkpoint(last)
-    if "config" in ckpt:
-        return ckpt["config"]
-    path = last.parent / "config.yaml"
-    if not path.is_file():
-        raise MissingFileError(f"{str(last)!r} holds no config and {str(path)!r} is missing: cannot check --resume")
-    return yaml.safe_load(path.read_text())
-
-
 def _objects(cfg: RunConfig, device: torch.device, ctx: Dist) -> Dict[str, Any]:
     """Every object :func:`train_detector` takes, built in a fixed order (the seed fixes the init)."""
     torch.manual_seed(cfg.seed)
@@ -119,22 +103,9 @@ def _objects(cfg: RunConfig, device: torch.device, ctx: Dist) -> Dict[str, Any]:
 def train_detection(cfg: RunConfig, *, resume: bool = False, run_dir: Optional[str | Path] = None) -> Dict[str, Any]:
     """Train (or resume) a detection run in ``run_dir`` (default ``<output_dir>/<experiment>/seed<seed>``);
     returns the summary of :func:`train_detector` (also ``summary.json``). Best checkpoint by AP."""
-    from deepkd.train.loop import run_directory
-
-    run_dir = Path(run_dir) if run_dir is not None else run_directory(cfg)
-    last = run_dir / "last.pt"
-    main = int(os.environ.get("RANK", "0")) == 0
-    with acquire_run_lock(run_dir) if main else contextlib.nullcontext():
-        if not resume and last.exists():
-            raise RunExistsError(f"run directory {str(run_dir)!r} already holds a checkpoint; "
-                                 "pass --resume to continue it or choose another experiment name")
-        resuming = resume and last.exists()
-        if main:
-            remove_stale_temporaries(run_dir)
-            if resuming:
-                check_resume(stored_config(last), cfg, str(last))
-            else:
-                save_config(cfg, run_dir / "config.yaml")
+    with claim_run_folder(cfg, run_dir, resume=resume) as (run_dir, resuming):
+        if int(os.environ.get("RANK", "0")) == 0 and not resuming:  # a resume keeps the start's config.yaml
+            save_config(cfg, run_dir / "config.yaml")
         device = build.build_device(cfg.train.device)
         ctx = init_distributed(device.type)
         if ctx.enabled and device.type == "cuda":

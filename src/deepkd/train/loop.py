@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from deepkd.errors import RunExistsError, TrainingError
+from deepkd.errors import TrainingError
 from deepkd.losses import Method
 from deepkd.models import save_weights
 from deepkd.optim import DecoupledMomentumSGD
@@ -24,11 +24,10 @@ from deepkd.train.checkpoint import (
     FORMAT,
     atomic_save,
     load_checkpoint,
-    remove_stale_temporaries,
     rng_state,
     set_rng_state,
 )
-from deepkd.train.config import RunConfig, check_resume, config_to_dict, save_config
+from deepkd.train.config import RunConfig, config_to_dict, save_config
 from deepkd.train.distributed import (
     Dist,
     all_reduce_sum,
@@ -37,8 +36,8 @@ from deepkd.train.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from deepkd.train.lock import acquire_run_lock
 from deepkd.train.logs import MetricsWriter, Progress
+from deepkd.train.run_folder import claim_run_folder
 from deepkd.train.signals import StopSignals as _Interrupt
 from deepkd.train.step import optimize
 
@@ -195,11 +194,6 @@ def save_state(run: Run, path: Path, position: Position) -> None:
     atomic_save(state, path)
 
 
-def run_directory(cfg: RunConfig) -> Path:
-    """``<output_dir>/<experiment>/seed<seed>``: one folder per seed, so summaries group seeds."""
-    return Path(cfg.output_dir) / cfg.experiment / f"seed{cfg.seed}"
-
-
 def setup_run(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> Run:
     """Build every object of a run, in a fixed order so that a seed fixes the initial weights.
     A resumed run keeps the folder's ``config.yaml`` (that of the code and config that started it)."""
@@ -252,29 +246,17 @@ def restore(run: Run, path: Path) -> Position:
 def train(cfg: RunConfig, *, resume: bool = False, run_dir: Optional[str | Path] = None) -> Dict[str, Any]:
     """Train (or resume) one run; returns its summary (also written to ``summary.json``).
 
-    Rank 0 holds the folder's ``run.lock`` (:mod:`deepkd.train.lock`) from before its first write to
-    the end, so a second run into a live run's folder is refused. ``RANK`` (set by torchrun) names
-    rank 0 before the process group exists; a refused rank 0 exits and torchrun stops the others.
+    The folder is claimed first (:func:`deepkd.train.run_folder.claim_run_folder`: lock, existing run,
+    resume check), so a second run into a live run's folder is refused before anything is written.
     """
     if cfg.detection:  # data.dataset coco | synthetic_coco: the detection loop, same lock and files
         from deepkd.detection.run import train_detection
 
         return train_detection(cfg, resume=resume, run_dir=run_dir)
-    run_dir = Path(run_dir) if run_dir is not None else run_directory(cfg)
-    last = run_dir / "last.pt"
-    main = int(os.environ.get("RANK", "0")) == 0
-    with acquire_run_lock(run_dir) if main else contextlib.nullcontext():
-        if not resume and last.exists():
-            raise RunExistsError(f"run directory {str(run_dir)!r} already holds a checkpoint; "
-                                 "pass --resume to continue it or choose another experiment name")
-        if main:
-            remove_stale_temporaries(run_dir)  # of a writer killed mid-save; the lock says it is gone
-        resuming = resume and last.exists()
-        if resuming:  # the CLI checks this before; library callers get the same rule
-            check_resume(load_checkpoint(last)["config"], cfg, str(last))
+    with claim_run_folder(cfg, run_dir, resume=resume) as (run_dir, resuming):
         run = setup_run(cfg, run_dir, resume=resuming)
         try:
-            return _train_epochs(run, restore(run, last) if resuming else Position())
+            return _train_epochs(run, restore(run, run_dir / "last.pt") if resuming else Position())
         finally:
             if run.writer is not None:
                 run.writer.close()
