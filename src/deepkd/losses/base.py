@@ -47,10 +47,13 @@ class Method(nn.Module):
     """Base of every distillation method module (inheritance depth 1).
 
     Subclasses set ``needs_teacher`` and implement ``forward``; ``teacher_logits`` is ``None`` when
-    ``needs_teacher`` is False.
+    ``needs_teacher`` is False. A method with ``views = 2`` (MLKD, CRLD) takes logits with a leading
+    view axis, ``[2, B, C]`` (0: the weak view, 1: the strong view), and ``target [B]``; the trainer
+    then gives every training image two augmented views.
     """
 
     needs_teacher: bool = True
+    views: int = 1
 
     def forward(  # pragma: no cover - abstract
         self,
