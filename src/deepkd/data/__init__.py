@@ -55,12 +55,14 @@ class FolderOptions:
 
 
 def _device_bundle(train, test, num_classes, mean, std, *, batch_size, eval_batch_size, device, seed,
-                   drop_last, rank, world_size, flip=True, classes=(), crop_size=None, **augment) -> DataBundle:
-    """Device-resident loaders; ``crop_size``: training views are RandomResizedCrop(crop_size) + flip."""
+                   drop_last, rank, world_size, flip=True, strong=False, classes=(), crop_size=None,
+                   **augment) -> DataBundle:
+    """Device-resident loaders; ``crop_size``: training views are RandomResizedCrop(crop_size) + flip;
+    ``strong``: training batches are two views, weak and RandAugment-strong."""
     from deepkd.data.device_crops import RandomResizedCropLoader
 
     common = dict(mean=mean, std=std, device=device, rank=rank, world_size=world_size)
-    train_options = dict(batch_size=batch_size, seed=seed, drop_last=drop_last, flip=flip, **common)
+    train_options = dict(batch_size=batch_size, seed=seed, drop_last=drop_last, flip=flip, strong=strong, **common)
     train_loader = (RandomResizedCropLoader(*train, size=crop_size, **train_options) if crop_size else
                     DeviceLoader(*train, train=True, **augment, **train_options))
     test_loader = DeviceLoader(*test, batch_size=eval_batch_size, train=False, seed=seed, **common)
@@ -69,13 +71,17 @@ def _device_bundle(train, test, num_classes, mean, std, *, batch_size, eval_batc
 
 def build_data(dataset: str, *, root: Optional[str] = None, batch_size: int = 64, eval_batch_size: Optional[int] = None,
                device="cpu", seed: int = 0, download: bool = True, num_workers: int = 2, rank: int = 0,
-               world_size: int = 1, drop_last: bool = False, flip: bool = True,
+               world_size: int = 1, drop_last: bool = False, flip: bool = True, strong: bool = False,
                folder: Optional[FolderOptions] = None, synthetic_train: int = 10000, synthetic_test: int = 2000,
                synthetic_seed: int = 0, synthetic_noise: float = 1.5) -> DataBundle:
     """Loaders for ``cifar100``, ``cifar10``, ``tinyimagenet``, ``synthetic``, or ``imagenet`` /
-    ``imagefolder`` (``root/<train_folder>``, ``root/<val_folder>``, read as ``folder`` says)."""
+    ``imagefolder`` (``root/<train_folder>``, ``root/<val_folder>``, read as ``folder`` says).
+
+    ``strong``: each training batch is ``[2, b, 3, H, W]``, a weak view (the usual augmentation) and
+    a strong view (its own crop and flip, then the FixMatch RandAugment + Cutout of MLKD and CRLD).
+    """
     options = dict(batch_size=batch_size, eval_batch_size=eval_batch_size or batch_size, device=device, seed=seed,
-                   drop_last=drop_last, rank=rank, world_size=world_size, flip=flip)
+                   drop_last=drop_last, rank=rank, world_size=world_size, flip=flip, strong=strong)
     if dataset == "synthetic":
         train = synthetic.generate(synthetic_train, seed=synthetic_seed, split="train", noise=synthetic_noise)
         test = synthetic.generate(synthetic_test, seed=synthetic_seed, split="test", noise=synthetic_noise)
@@ -113,7 +119,7 @@ def _fits_in_memory(opts: FolderOptions, train_count: int, val_count: int, resiz
     return 3 * pixels <= IN_MEMORY_BYTES
 
 
-def _build_folder(root, opts: FolderOptions, *, num_workers: int, flip: bool, **options) -> DataBundle:
+def _build_folder(root, opts: FolderOptions, *, num_workers: int, flip: bool, strong: bool, **options) -> DataBundle:
     from deepkd.data import imagefolder as folders
 
     if root is None:
@@ -124,7 +130,7 @@ def _build_folder(root, opts: FolderOptions, *, num_workers: int, flip: bool, **
     resize = opts.resize or round(opts.image_size / 0.875)
     if _fits_in_memory(opts, len(train_samples), len(val_samples), resize):
         return _folder_in_memory(train_samples, val_samples, classes, opts, resize, num_workers=num_workers,
-                                 flip=flip, **options)
+                                 flip=flip, strong=strong, **options)
     mean, std = opts.mean, opts.std
     if mean == "auto":
         mean, std = folders.measured_stats(root / opts.train_folder, train_samples, opts.image_size,
@@ -133,7 +139,7 @@ def _build_folder(root, opts: FolderOptions, *, num_workers: int, flip: bool, **
                    pad=opts.pad, flip=flip, mean=mean, std=std)
     loader = dict(seed=options["seed"], num_workers=num_workers, rank=options["rank"],
                   world_size=options["world_size"])
-    train = folders.ImageFolderLoader(train_samples, folders.build_transform(train=True, **augment),
+    train = folders.ImageFolderLoader(train_samples, folders.build_transform(train=True, strong=strong, **augment),
                                       batch_size=options["batch_size"], train=True, drop_last=options["drop_last"],
                                       **loader)
     test = folders.ImageFolderLoader(val_samples, folders.build_transform(train=False, **augment),

@@ -8,6 +8,8 @@ aspect ratio in ``ratio``, else the whole image), drawn from the batch's generat
 in one call (``aligned=True``: a box covers exactly its pixels; adaptive sampling, so a shrinking
 crop averages the pixels it covers). torchvision's transform works on one image at a time in worker
 processes; this keeps the device-resident loader's batched, worker-free path for such sets.
+With ``strong=True`` a batch is ``[2, b, 3, size, size]``: this view and a strong view with its own
+box and flip (stream ``_STRONG``), rounded to uint8 and passed through the FixMatch RandAugment.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 from deepkd.data.device_loader import DeviceLoader, _generator
 from deepkd.errors import ConfigError
 
-_STREAM = 7  # a generator stream of its own: (seed, epoch, index, _STREAM)
+_STREAM, _STRONG = 7, 8  # generator streams of their own: (seed, epoch, index, _STREAM | _STRONG)
 
 
 class RandomResizedCropLoader(DeviceLoader):
@@ -34,9 +36,9 @@ class RandomResizedCropLoader(DeviceLoader):
         super().__init__(images, labels, train=True, pad=0, **options)
         self.size, self.scale, self.ratio = size, scale, ratio
 
-    def crop_boxes(self, epoch: int, index: int, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def crop_boxes(self, epoch: int, index: int, count: int, stream: int = _STREAM) -> Tuple[torch.Tensor, torch.Tensor]:
         """float ``[count, 4]`` boxes ``(left, top, right, bottom)`` in pixels and bool ``[count]`` flips."""
-        generator = _generator(self.seed, epoch, index, _STREAM)
+        generator = _generator(self.seed, epoch, index, stream)
         height, width = self.images.shape[-2:]
         area = torch.rand(count, 10, generator=generator, dtype=torch.float64)
         area = height * width * (self.scale[0] + area * (self.scale[1] - self.scale[0]))
@@ -70,7 +72,18 @@ class RandomResizedCropLoader(DeviceLoader):
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """Batches ``start_batch ..`` of ``epoch``; batch ``i`` depends only on (seed, epoch, i)."""
         for index in range(start_batch, len(self)):
-            chosen = self._epoch_order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
-            boxes, flips = self.crop_boxes(epoch, index, len(chosen))
-            chosen, boxes, flips = (self._shard(t.to(self.device)) for t in (chosen, boxes, flips))
-            yield self.normalize(self.resized_crops(self.images[chosen], boxes, flips)), self.labels[chosen]
+            chosen = self._chosen(epoch, index)
+            views = [self._crops(chosen, epoch, index, _STREAM)]
+            if self.strong:
+                from deepkd.data.randaugment import apply
+
+                strong = self._crops(chosen, epoch, index, _STRONG).round().clamp(0, 255).to(torch.uint8)
+                views.append(apply(strong, self.strong_params(epoch, index, len(chosen))))
+            images = torch.stack([self.normalize(v) for v in views]) if self.strong else self.normalize(views[0])
+            yield images, self.labels[self._shard(chosen.to(self.device))]
+
+    def _crops(self, chosen: torch.Tensor, epoch: int, index: int, stream: int) -> torch.Tensor:
+        """This rank's float pixels of the global batch ``chosen``'s crops from generator ``stream``."""
+        boxes, flips = self.crop_boxes(epoch, index, len(chosen), stream)
+        chosen, boxes, flips = (self._shard(t.to(self.device)) for t in (chosen, boxes, flips))
+        return self.resized_crops(self.images[chosen], boxes, flips)

@@ -11,6 +11,11 @@ Optionally (``rotation > 0``, Tiny-ImageNet's recipe) each training image is fir
 centre by its own angle, uniform in ``[-rotation, rotation]`` degrees, nearest-neighbour with zero
 fill, like torchvision's ``RandomRotation(rotation)``; the angles are drawn from the batch's generator
 after the crop and flip draws, so the crop/flip stream is the same with or without rotation.
+
+With ``strong=True`` (two-view methods: MLKD, CRLD) every training batch comes as two views
+``[2, b, 3, H, W]``: the weak view above, unchanged, and a strong view with its own crop, flip (and
+rotation) drawn from the stream ``(seed, e, i, STRONG)`` followed by the FixMatch RandAugment + Cutout
+of :mod:`deepkd.data.randaugment`, its parameters drawn per image from ``(seed, e, i, STRONG_RA)``.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from deepkd.errors import ConfigError
 
 _MIX = (1_000_003, 1_000_033)
+STRONG, STRONG_RA = 11, 12  # the strong view's generator streams: (seed, epoch, index, STRONG[_RA])
 
 
 def _generator(*parts: int) -> torch.Generator:
@@ -45,11 +51,13 @@ class DeviceLoader:
         drop_last: drop the last partial batch (the reference recipe keeps it).
         pad, flip: crop padding in pixels (0: no crop) and random horizontal flip.
         rotation: largest rotation angle in degrees (0: none); rotation happens before crop and flip.
+        strong: training batches are ``[2, b, 3, H, W]``: the weak view and a RandAugment strong view.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, mean: Sequence[float],
                  std: Sequence[float], train: bool, device="cpu", seed: int = 0, drop_last: bool = False,
-                 pad: int = 4, flip: bool = True, rank: int = 0, world_size: int = 1, rotation: float = 0.0):
+                 pad: int = 4, flip: bool = True, rank: int = 0, world_size: int = 1, rotation: float = 0.0,
+                 strong: bool = False):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
         if images.shape[1] != 3 and images.shape[-1] == 3:
@@ -61,7 +69,7 @@ class DeviceLoader:
         self.labels = labels.to(self.device, torch.int64)
         self.batch_size, self.train, self.seed, self.drop_last = batch_size, train, seed, drop_last
         self.pad, self.flip, self.rank, self.world_size = pad, flip, rank, world_size
-        self.rotation = float(rotation)
+        self.rotation, self.strong = float(rotation), strong
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
 
@@ -81,8 +89,8 @@ class DeviceLoader:
             return torch.arange(self.num_samples)
         return torch.randperm(self.num_samples, generator=_generator(self.seed, epoch))
 
-    def _draws(self, epoch: int, index: int, count: int) -> Tuple[torch.Tensor, ...]:
-        generator = _generator(self.seed, epoch, index)
+    def _draws(self, epoch: int, index: int, count: int, *stream: int) -> Tuple[torch.Tensor, ...]:
+        generator = _generator(self.seed, epoch, index, *stream)
         offsets = torch.randint(0, 2 * self.pad + 1, (2, count), generator=generator)
         flips = torch.rand(count, generator=generator) < 0.5 if self.flip else torch.zeros(count, dtype=torch.bool)
         if not self.rotation:
@@ -139,10 +147,36 @@ class DeviceLoader:
     def _shard(self, tensor: torch.Tensor) -> torch.Tensor:
         return torch.tensor_split(tensor, self.world_size)[self.rank] if self.world_size > 1 else tensor
 
-    def _batch(self, epoch: int, index: int) -> Tuple[torch.Tensor, ...]:
-        chosen = self._epoch_order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
-        draws = [t for t in self._draws(epoch, index, len(chosen)) if t is not None]
+    def _chosen(self, epoch: int, index: int) -> torch.Tensor:
+        """The global batch's sample indices (all ranks)."""
+        return self._epoch_order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
+
+    def _batch(self, epoch: int, index: int, *stream: int) -> Tuple[torch.Tensor, ...]:
+        chosen = self._chosen(epoch, index)
+        draws = [t for t in self._draws(epoch, index, len(chosen), *stream) if t is not None]
         return tuple(self._shard(t.to(self.device)) for t in (chosen, *draws))
+
+    def strong_params(self, epoch: int, index: int, count: int):
+        """This rank's RandAugment parameters of batch ``index`` (``count``: the global batch's size)."""
+        from deepkd.data.randaugment import draw_params
+
+        height, width = self.images.shape[-2:]
+        params = draw_params(count, height, width, generator=_generator(self.seed, epoch, index, STRONG_RA))
+        return type(params)(*(self._shard(t.to(self.device)) for t in params))
+
+    def _view(self, chosen, dy, dx, flips, *angles) -> torch.Tensor:
+        """uint8 training pixels: (rotated,) padded-cropped and flipped images ``chosen``."""
+        images = self.images[chosen]
+        if angles:
+            images = self.rotate(images, angles[0])  # first, as RandomRotation precedes the flip
+        return self.augment(images, dy, dx, flips)
+
+    def _strong_view(self, epoch: int, index: int) -> torch.Tensor:
+        """uint8 strong view of batch ``index``: its own crop/flip (and rotation), then RandAugment."""
+        from deepkd.data.randaugment import apply
+
+        chosen, *draws = self._batch(epoch, index, STRONG)
+        return apply(self._view(chosen, *draws), self.strong_params(epoch, index, len(self._chosen(epoch, index))))
 
     def batch_views(self, epoch: int, index: int) -> Tuple[torch.Tensor, ...]:
         """This rank's sample indices and view parameters ``(indices, dy, dx, flips)`` of a batch."""
@@ -157,13 +191,14 @@ class DeviceLoader:
         ``b`` is this rank's slice of the global batch; batch ``i`` depends only on (seed, epoch, i).
         """
         for index in range(start_batch, len(self)):
-            chosen, dy, dx, flips, *angles = self._batch(epoch, index)  # this rank's slice only
-            images = self.images[chosen]
-            if self.train and angles:
-                images = self.rotate(images, angles[0])  # first, as RandomRotation precedes the flip
-            if self.train:
-                images = self.augment(images, dy, dx, flips)
-            yield self.normalize(images), self.labels[chosen]
+            chosen, *draws = self._batch(epoch, index)  # this rank's slice only
+            if not self.train:
+                yield self.normalize(self.images[chosen]), self.labels[chosen]
+            elif not self.strong:
+                yield self.normalize(self._view(chosen, *draws)), self.labels[chosen]
+            else:
+                views = (self._view(chosen, *draws), self._strong_view(epoch, index))
+                yield torch.stack([self.normalize(v) for v in views]), self.labels[chosen]
 
     def __iter__(self):
         """Epoch 0 from its first batch (for ad-hoc use; the trainer calls ``iter_epoch``)."""

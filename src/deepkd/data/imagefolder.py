@@ -60,12 +60,29 @@ def _interpolation(name: str):
     return InterpolationMode(name)
 
 
+class TwoViews:
+    """Two independently augmented views of one image, stacked ``[2, ...]`` (weak, strong)."""
+
+    def __init__(self, weak, strong):
+        self.weak, self.strong = weak, strong
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.weak(image), self.strong(image)])
+
+
 def build_transform(*, train: bool, image_size: int, resize: int, crop: str = "random_resized", flip: bool = True,
                     pad: int = 4, interpolation: str = "bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                    normalize: bool = True):
+                    normalize: bool = True, strong: bool = False, randaugment: bool = False):
     """The torchvision v2 pipeline ``uint8 [3, H, W] -> float32 [3, image_size, image_size]``
-    (``normalize=False``: uint8, before scaling)."""
+    (``normalize=False``: uint8, before scaling). ``strong`` (training): :class:`TwoViews` of this
+    pipeline and of the same one with the FixMatch RandAugment + Cutout after the flip
+    (``randaugment``), each view with its own crop and flip."""
     from torchvision.transforms import v2
+
+    if strong:
+        options = dict(train=train, image_size=image_size, resize=resize, crop=crop, flip=flip, pad=pad,
+                       interpolation=interpolation, mean=mean, std=std, normalize=normalize)
+        return TwoViews(build_transform(**options), build_transform(**options, randaugment=True))
 
     mode = _interpolation(interpolation)
     if not train:
@@ -77,6 +94,10 @@ def build_transform(*, train: bool, image_size: int, resize: int, crop: str = "r
         steps += [v2.RandomCrop(image_size, padding=pad)] if pad else []
     if train and flip:
         steps.append(v2.RandomHorizontalFlip())
+    if randaugment:
+        from deepkd.data.randaugment import FixMatchRandAugment
+
+        steps.append(FixMatchRandAugment())
     if normalize:
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     return v2.Compose(steps)
@@ -181,7 +202,8 @@ class ImageFolderLoader:
         indices = self._indices(epoch)
         batches = [indices[i:i + self.local_batch] for i in range(0, len(indices), self.local_batch)][:len(self)]
         self._batches.batches = [[(self.seed, epoch, index) for index in batch] for batch in batches[start_batch:]]
-        yield from _one_sentence_errors(self._loader)
+        for images, labels in _one_sentence_errors(self._loader):
+            yield (images.transpose(0, 1) if images.dim() == 5 else images), labels  # two views: [2, b, ...]
 
 
 def decode_all(samples, transform, *, num_workers: int, batch_size: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,15 @@ from deepkd.models import create_model, load_pretrained
 from deepkd.models.ecosystem import data_config
 from deepkd.models.teachers import find_teacher, missing_teacher_message
 from deepkd.optim import DecoupledMomentumSGD, cosine_lr, step_lr
-from deepkd.train.config import FOLDER_KEYS, MethodConfig, ModelConfig, OptimizerConfig, RunConfig, ScheduleConfig
+from deepkd.train.config import (
+    FOLDER_KEYS,
+    MethodConfig,
+    ModelConfig,
+    OptimizerConfig,
+    RunConfig,
+    ScheduleConfig,
+    method_views,
+)
 
 
 def build_device(name: str) -> torch.device:
@@ -30,12 +38,14 @@ def build_device(name: str) -> torch.device:
 
 
 def build_dataset(cfg: RunConfig, *, device: torch.device, rank: int, world_size: int):
-    """The train/test loaders and dataset facts (``num_classes``, ``input_size``, ``classes``)."""
+    """The train/test loaders and dataset facts (``num_classes``, ``input_size``, ``classes``); a
+    two-view method (MLKD, CRLD) gets training batches of two views, weak and strong."""
     data, synthetic = cfg.data, cfg.data.synthetic
     return build_data(
         data.dataset, root=data.root, batch_size=data.batch_size, eval_batch_size=data.eval_batch_size,
         device=device, seed=cfg.seed, download=data.download, num_workers=data.num_workers, rank=rank,
-        world_size=world_size, drop_last=data.drop_last, flip=data.flip, folder=folder_options(cfg),
+        world_size=world_size, drop_last=data.drop_last, flip=data.flip, strong=method_views(cfg.method.name) == 2,
+        folder=folder_options(cfg),
         synthetic_train=synthetic.num_train, synthetic_test=synthetic.num_test, synthetic_seed=synthetic.seed,
         synthetic_noise=synthetic.noise)
 

@@ -198,6 +198,13 @@ def method_needs_teacher(name: str) -> bool:
     return registry.METHODS.info(name).get("needs_teacher", getattr(builder, "needs_teacher", True))
 
 
+def method_views(name: str) -> int:
+    """Views per training image the method takes: 2 for MLKD/CRLD (weak, strong), else 1."""
+    from deepkd.losses import registry
+
+    return registry.METHODS.info(name).get("views", getattr(_method_builder(name), "views", 1))
+
+
 def is_deepkd_method(name: str) -> bool:
     """A DeepKD method: registered with its ``base`` method, or taking the base as an argument."""
     from deepkd.losses import registry
@@ -347,6 +354,9 @@ class TrainConfig(_Strict):
     sync_batchnorm: bool = False  # SyncBatchNorm across ranks (CUDA); otherwise statistics averaged at tests/saves
     teacher_cache: bool = False
     teacher_cache_dtype: Literal["bf16", "fp32"] = "bf16"
+    # two-view methods (MLKD, CRLD): the student runs once per view (the reference: per-view BatchNorm
+    # batch statistics) or once on both views concatenated (one forward, shared batch statistics)
+    student_views: Literal["separate", "concat"] = "separate"
 
 
 DETECTION_TRAIN_KEYS = ("device", "precision", "stop_after_steps", "checkpoint_every", "progress", "log_every")
@@ -400,6 +410,23 @@ class RunConfig(_Strict):
         for role, model in (("student", self.student), ("teacher", self.teacher)):
             if model is not None and model.weights_backbone is not None:
                 raise ValueError(f"{role}.weights_backbone is only for detectors (data.dataset coco or synthetic_coco)")
+        self._check_views()
+
+    def _check_views(self) -> None:
+        """Two-view methods get a random strong view per image: no teacher-logit cache (it serves only
+        crop/flip views) and no per-sample GSNR probe (their losses couple the samples of a batch)."""
+        method = self.method.name
+        if method_views(method) == 1:
+            if "student_views" in self.train.model_fields_set:
+                raise ValueError(f"train.student_views is only for two-view methods (mlkd, crld, deepkd_mlkd, "
+                                 f"deepkd_crld), not {method!r}")
+            return
+        if self.train.teacher_cache:
+            raise ValueError(f"train.teacher_cache cannot serve method {method!r}: its strong views are random "
+                             "RandAugment images, not one of the cached crop/flip views; set train.teacher_cache: false")
+        if self.train.gsnr_every:
+            raise ValueError(f"train.gsnr_every measures per-sample gradients, which method {method!r} does not have "
+                             "(its loss couples the samples of a batch); set train.gsnr_every: 0")
 
 
 # -- errors -------------------------------------------------------------------------------------------
@@ -517,6 +544,8 @@ def config_to_dict(cfg: RunConfig) -> Dict[str, Any]:
             data[role].pop("weights_backbone")
     if cfg.detection:
         data["train"] = {k: v for k, v in data["train"].items() if k in DETECTION_TRAIN_KEYS}
+    elif method_views(cfg.method.name) == 1:
+        data["train"].pop("student_views")
     return data
 
 

@@ -76,20 +76,29 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def forward_views(model: nn.Module, images: torch.Tensor, concat: bool) -> torch.Tensor:
+    """Logits of ``[b, 3, H, W]`` images, or ``[2, b, C]`` of a two-view batch ``[2, b, 3, H, W]``:
+    one forward per view (per-view BatchNorm batch statistics, as MLKD and CRLD run), or ``concat``."""
+    if images.dim() == 4:
+        return model(images)
+    if concat:
+        return model(images.flatten(0, 1)).unflatten(0, images.shape[:2])
+    return torch.stack([model(view) for view in images])
+
+
 def train_step(run: Run, images: torch.Tensor, targets: torch.Tensor, epoch: int,
                teacher_logits: Optional[torch.Tensor] = None):
-    """One optimisation step; returns the detached loss terms and the student logits.
-
-    ``teacher_logits`` (from the teacher-logit cache) replaces the teacher forward when given.
-    """
+    """One optimisation step; returns the detached loss terms and the student logits (of the weak
+    view for a two-view batch). ``teacher_logits`` (the teacher-logit cache) replaces the teacher forward."""
     with autocast(run.device, run.cfg.train.precision):
-        logits = run.forward(images)
+        logits = forward_views(run.forward, images, run.cfg.train.student_views == "concat")
         if teacher_logits is None and run.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = run.teacher(images).float()
+            with torch.no_grad():  # eval mode: both views in one forward give each view's own logits
+                teacher_logits = forward_views(run.teacher, images, concat=True).float()
     terms = run.method(logits.float(), teacher_logits, targets, epoch=epoch)
     optimize(terms, run.optimizer, run.params, run.ctx)  # backward (one pass per momentum) + step
-    return {name: term.value.detach() for name, term in terms.items()}, logits.detach()
+    weak = logits[0] if images.dim() == 5 else logits  # training accuracy: the weak view's, as the reference logs
+    return {name: term.value.detach() for name, term in terms.items()}, weak.detach()
 
 
 class Meters:
@@ -146,8 +155,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, precision: str =
 
 def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device, channels_last: bool):
     images = images.to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    if channels_last:  # a two-view batch [2, b, 3, H, W] as 4-D images, then its views again
+        images = images.flatten(0, images.dim() - 4).contiguous(memory_format=torch.channels_last).view(images.shape)
     return images, targets.to(device, non_blocking=True)
 
 
