@@ -1,4 +1,4 @@
-"""The ``deepkd`` command: train, eval, demo, list, plot, summary."""
+"""The ``deepkd`` command: train, sweep, eval, demo, list, plot, summary."""
 from __future__ import annotations
 
 import argparse
@@ -34,9 +34,15 @@ def _parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="PNG figures of one or more runs")
     plot.add_argument("runs", nargs="+")
     plot.add_argument("--out", default=None, help="output folder (default: the first run's folder)")
-    summary = sub.add_parser("summary", help="best and last top-1 per experiment, mean +- std over seeds")
+    _sweep_parser(sub)
+    summary = sub.add_parser("summary", help="best and last top-1 per experiment, mean +- std and 95%% CI over seeds")
     summary.add_argument("runs", nargs="+", help="run folders or folders containing runs")
     summary.add_argument("--json", action="store_true")
+    summary.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                         help="difference of means A - B of two experiments, with a 95%% Welch confidence interval")
+    summary.add_argument("--reach", type=float, metavar="ACC",
+                         help="epochs to first reach this test top-1 (box AP), per experiment; speed-up with --compare")
+    summary.add_argument("--figure", metavar="PATH", help="PNG: test top-1 per epoch (mean +- std), best with 95%% CI")
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint on a dataset's test split")
     evaluate.add_argument("recipe", help="recipe whose data and student sections are used")
     evaluate.add_argument("weights", help="checkpoint to evaluate (deepkd, community or .safetensors)")
@@ -46,6 +52,29 @@ def _parser() -> argparse.ArgumentParser:
     download.add_argument("--root", default=None, help="cache folder (default: $DEEPKD_DATA or ~/.cache/deepkd)")
     download.add_argument("--file", default=None, help="a local cifar_teachers.tar, used instead of downloading")
     return parser
+
+
+def _sweep_parser(sub) -> None:
+    """``deepkd sweep``; no defaults here: :func:`deepkd.commands.sweep.run_sweep`'s signature holds them."""
+    sweep = sub.add_parser("sweep", help="a grid of recipes x --set values x seeds, one run folder each",
+                           argument_default=argparse.SUPPRESS)
+    sweep.add_argument("overrides", nargs="+", metavar="RECIPE [RECIPE ...] [key=value ...]",
+                       help="recipes (names or YAML files), then overrides applied to every run")
+    sweep.add_argument("--seeds", help="seeds: 0-4, 0,2,5 or 0-2,7 (default: each recipe's seed)")
+    sweep.add_argument("--set", dest="set_values", action="append", metavar="KEY=V1,V2",
+                       help="a grid axis, e.g. --set optimizer.lr=0.1,0.2 (repeat for more axes)")
+    sweep.add_argument("--out", help="the sweep folder (default runs/sweep): <out>/<configuration>/seed<seed>")
+    sweep.add_argument("--jobs", type=int, help="runs at once (default: 1 locally, all on SLURM)")
+    sweep.add_argument("--executor", choices=["local", "slurm", "submitit-local"],
+                       help="local processes (default), SLURM through submitit, or submitit's local executor")
+    sweep.add_argument("--dry-run", action="store_true", help="print each run's command (or skip), run nothing")
+    sweep.add_argument("--timeout-min", type=float, help="submitit: a job's time limit in minutes")
+    sweep.add_argument("--gpus-per-node", type=int, help="slurm: GPUs per job (one run per job)")
+    sweep.add_argument("--slurm-partition", help="slurm: the partition")
+    sweep.add_argument("--cpus-per-task", type=int, help="slurm: CPUs per job (and the run's torch threads)")
+    sweep.add_argument("--mem-gb", type=float, help="slurm: memory per job")
+    sweep.add_argument("--slurm", action="append", metavar="KEY=VALUE",
+                       help="slurm: any other submitit slurm_<KEY> parameter, e.g. --slurm account=abc")
 
 
 def _train_config(args):
@@ -112,11 +141,30 @@ def cmd_plot(args) -> int:
     return 0
 
 
-def cmd_summary(args) -> int:
-    from deepkd.commands.summary import format_summary, summarize
+def cmd_sweep(args) -> int:
+    from deepkd.commands.sweep import run_sweep
 
-    rows = summarize(args.runs)
-    print(json.dumps(rows) if args.json else format_summary(rows))
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "overrides")}
+    recipes = [o for o in args.overrides if "=" not in o or Path(o).is_file()]
+    overrides = [o for o in args.overrides if o not in recipes]
+    states = run_sweep(recipes, overrides, **options)
+    return 0 if options.get("dry_run") or all(s == "finished" for s in states.values()) else 1
+
+
+def cmd_summary(args) -> int:
+    from deepkd.commands.summary import collect, compare, format_comparison, format_summary, summary_rows
+
+    groups = collect(args.runs)
+    rows = summary_rows(groups, reach=args.reach)
+    comparison = compare(groups, *args.compare, reach=args.reach) if args.compare else None
+    if args.figure:
+        from deepkd.commands.plots import plot_summary
+
+        plot_summary(groups, rows, args.figure)
+    if args.json:  # a list of rows; an object {"rows", "compare"} with --compare
+        print(json.dumps({"rows": rows, "compare": comparison} if comparison else rows))
+    else:
+        print(format_summary(rows) + (f"\n{format_comparison(comparison)}" if comparison else ""))
     return 0
 
 
@@ -137,7 +185,7 @@ def cmd_download(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "list": cmd_list, "eval": cmd_eval, "plot": cmd_plot,
+COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "list": cmd_list, "eval": cmd_eval, "plot": cmd_plot,
             "summary": cmd_summary, "demo": cmd_demo, "download": cmd_download}
 
 
@@ -145,7 +193,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # overrides given after an option (train recipe.yaml --resume a.b=1) are still overrides
-        if args.command not in ("train", "eval") or any(e.startswith("-") or "=" not in e for e in extra):
+        if args.command not in ("train", "eval", "sweep") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     try:

@@ -105,3 +105,39 @@ def plot_comparison(rows: Dict[str, float], path: str | Path, title: str) -> Pat
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_summary(groups: Dict[str, list], rows: List[Dict], path: str | Path) -> Path:
+    """``deepkd summary --figure``: (left) the test metric per epoch, mean line and +-std band over each
+    experiment's seeds; (right) each experiment's best metric, mean with its 95% CI as an error bar.
+    ``groups``/``rows``: :func:`deepkd.commands.summary.collect` and :func:`~deepkd.commands.summary.summary_rows`."""
+    import statistics
+
+    plt = _pyplot()
+    label = {"top1": "test top-1 (%)", "AP": "box AP (%)"}[rows[0]["metric"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for experiment, runs in groups.items():
+        by_epoch: Dict[int, list] = {}
+        for run in runs:
+            for epoch, value in run["curve"]:
+                by_epoch.setdefault(epoch, []).append(value)
+        epochs = sorted(by_epoch)
+        mean = [statistics.fmean(by_epoch[e]) for e in epochs]
+        std = [statistics.stdev(by_epoch[e]) if len(by_epoch[e]) > 1 else 0.0 for e in epochs]
+        (line,) = left.plot(epochs, mean, marker="o", markersize=3, label=f"{experiment} (n={len(runs)})")
+        left.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                          color=line.get_color(), alpha=0.2)
+    left.set_title(f"{label} per epoch: mean +- std over seeds")
+    left.set_xlabel("epoch")
+    left.legend(fontsize=7)
+    best = [r["best_" + r["metric"]] for r in rows]
+    names = [r["experiment"] for r in rows]
+    right.errorbar(range(len(rows)), [b["mean"] for b in best], yerr=[b["ci95"] or 0.0 for b in best],
+                   fmt="o", color="#4c72b0", capsize=4)
+    right.set_xticks(range(len(rows)), names)
+    right.set_title(f"best {label}: mean with 95% CI")
+    plt.setp(right.get_xticklabels(), rotation=20, ha="right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
