@@ -79,7 +79,13 @@ def test_recipes_cover_every_pair():
         for method in ["kd", "dkd", "dtkd", "deepkd_kd", "deepkd_dkd"]:
             assert f"cifar100/{pair}/{method}" in names
     assert "imagenet/resnet50-mobilenetv1/deepkd_dkd" in names
-    assert len(RECIPES) >= 90
+    for pair in {n.rsplit("/", 1)[0] for n in names
+                 if n.endswith("/deepkd_dkd") and n.startswith(("cifar100", "imagenet"))}:
+        assert f"{pair}/deepkd_dkd_topk" in names  # the paper's dagger rows: every pair with a DeepKD+DKD recipe
+    for method in ["mlkd", "deepkd_mlkd", "crld", "deepkd_crld"]:  # spec/MLKD_CRLD.md 4, the headline pair
+        assert f"cifar100/resnet32x4-resnet8x4/{method}" in names
+    assert {f"imagenet/resnet34-resnet18/{m}" for m in ("crld", "deepkd_crld", "mlkd", "deepkd_mlkd")} <= names
+    assert len(RECIPES) >= 200
 
 
 @pytest.mark.parametrize("name", [n for n in RECIPES if not n.startswith("coco/")])  # coco: test_detection_train
@@ -97,7 +103,12 @@ def test_every_recipe_builds(name):
     lr = build.build_schedule(cfg.schedule, cfg.optimizer.lr)
     assert lr(1, 0.0) > 0 and method.needs_teacher == (cfg.teacher is not None)
     assert len(optimizer.param_groups) == 1
-    if is_deepkd_method(cfg.method.name):  # DeepKD recipes say the mask is off and where its ramp would end
+    if is_deepkd_method(cfg.method.name) and name.endswith("_topk"):  # the curriculum on, its schedule stated
+        ramp_end = cfg.method.arguments()["topk_ramp_end"]
+        assert cfg.method.arguments()["topk"] is True and 0 < ramp_end <= cfg.schedule.epochs
+        assert f"to all classes at epoch {ramp_end}" in text
+        assert method.dtm.k(1, num_classes) < method.dtm.k(ramp_end, num_classes) == num_classes
+    elif is_deepkd_method(cfg.method.name):  # DeepKD recipes say the mask is off and where its ramp would end
         assert cfg.method.arguments()["topk"] is False and "method.topk_ramp_end=" in text
 
 
@@ -123,7 +134,9 @@ def test_recipe_names_resolve_from_any_folder(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="did you mean 'cifar100/resnet32x4-resnet8x4/dkd'"):
         find_recipe("configs/cifar100/resnet32x4-resnet8x4/dkd.yaml")
     pair = "cifar100/resnet32x4-resnet8x4"
-    assert list_recipes(f"{pair}/d*kd") == [f"{pair}/{m}" for m in ("deepkd_dkd", "deepkd_kd", "dkd", "dtkd")]
+    assert list_recipes(f"{pair}/d*kd") == [f"{pair}/{m}" for m in ("deepkd_crld", "deepkd_dkd", "deepkd_dkd_topk",
+                                                                      "deepkd_kd", "deepkd_mlkd", "dkd", "dtkd")]
+    assert list_recipes(f"{pair}/*crld") == [f"{pair}/{m}" for m in ("crld", "deepkd_crld")]
 
 
 @pytest.mark.parametrize("section, match", [

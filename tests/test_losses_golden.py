@@ -27,6 +27,14 @@ def fixed_inputs():
     return student, teacher, target
 
 
+def fixed_two_view_inputs():
+    """``[2, 6, 12]`` (weak, strong) logits for the two-view methods (MLKD, CRLD)."""
+    generator = torch.Generator().manual_seed(2025)
+    student = torch.randn(2, 6, 12, generator=generator, dtype=torch.float64) * 2 + 1
+    teacher = torch.randn(2, 6, 12, generator=generator, dtype=torch.float64) * 3 + 2
+    return student, teacher, torch.randint(0, 12, (6,), generator=generator)
+
+
 def function_cases() -> Dict[str, Callable[[], float]]:
     s, t, y = fixed_inputs()
     keep = F.topk_keep_mask(t, y, 4)
@@ -49,12 +57,12 @@ def function_cases() -> Dict[str, Callable[[], float]]:
 
 
 def method_cases() -> Dict[str, Callable[[], float]]:
-    s, t, y = fixed_inputs()
     cases = {}
     for name in list_methods():
         for epoch in (1, 30):
             def case(name=name, epoch=epoch):
                 method = build_method(name)
+                s, t, y = fixed_two_view_inputs() if method.views == 2 else fixed_inputs()
                 terms = method(s, t if method.needs_teacher else None, y, epoch=epoch)
                 return {key: [term.value.item(), term.stream] for key, term in sorted(terms.items())}
             cases[f"method:{name}:epoch{epoch}"] = case

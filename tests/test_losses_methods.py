@@ -12,10 +12,16 @@ ALL = list_methods()
 PLAIN_TYPES = (int, float, bool, str)
 
 
-def inputs(batch=8, classes=10, seed=0, shape=None):
+def views(name):
+    """2 for the two-view methods (MLKD, CRLD: logits ``[2, B, C]``), else 1."""
+    return getattr(METHODS.get(name), "views", 1)
+
+
+def inputs(batch=8, classes=10, seed=0, shape=None, views=1):
     generator = torch.Generator().manual_seed(seed)
-    student = torch.randn(batch, classes, generator=generator) * 2 + 1.5
-    teacher = torch.randn(batch, classes, generator=generator) * 3 + 2.0
+    lead = (2, batch) if views == 2 else (batch,)
+    student = torch.randn(*lead, classes, generator=generator) * 2 + 1.5
+    teacher = torch.randn(*lead, classes, generator=generator) * 3 + 2.0
     target = torch.randint(0, classes, (batch,), generator=generator)
     if shape is not None:
         student, teacher = student.reshape(*shape, classes), teacher.reshape(*shape, classes)
@@ -28,14 +34,15 @@ def run(method, student, teacher, target, epoch):
 
 
 def test_expected_methods_are_registered():
-    assert {"ce", "kd", "dkd", "dtkd", "dtkd_dkd", "deepkd", "deepkd_kd", "deepkd_dkd", "deepkd_dtkd"} <= set(ALL)
+    assert {"ce", "kd", "dkd", "dtkd", "dtkd_dkd", "deepkd", "deepkd_kd", "deepkd_dkd", "deepkd_dtkd",
+            "mlkd", "crld", "deepkd_mlkd", "deepkd_crld"} <= set(ALL)
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_builds_with_defaults_and_returns_valid_terms(name):
     method = build_method(name)
     assert isinstance(method, Method)
-    student, teacher, target = inputs()
+    student, teacher, target = inputs(views=views(name))
     terms = run(method, student, teacher, target, epoch=30)
     assert terms and all(isinstance(t, LossTerm) for t in terms.values())
     assert {t.stream for t in terms.values()} <= set(STREAMS)
@@ -49,7 +56,7 @@ def test_builds_with_defaults_and_returns_valid_terms(name):
 @pytest.mark.parametrize("name", ALL)
 def test_gradients_reach_only_the_student(name):
     method = build_method(name)
-    student, teacher, target = inputs(seed=1)
+    student, teacher, target = inputs(seed=1, views=views(name))
     total_loss(run(method, student, teacher, target, epoch=30)).backward()
     assert teacher.grad is None
     assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
@@ -59,7 +66,7 @@ def test_gradients_reach_only_the_student(name):
 def test_warmup_scales_distillation_terms_only(name):
     params = inspect.signature(METHODS.get(name)).parameters
     method = build_method(name, **({"warmup_epochs": 20} if "warmup_epochs" in params else {}))
-    student, teacher, target = inputs(seed=2)
+    student, teacher, target = inputs(seed=2, views=views(name))
     first = run(method, student, teacher, target, epoch=1)
     full = run(method, student, teacher, target, epoch=20)
     later = run(method, student, teacher, target, epoch=200)
@@ -84,6 +91,8 @@ def test_constructor_arguments_are_flat_keywords_with_defaults(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_sequence_logits_with_ignore_index(name):
+    if views(name) == 2:
+        pytest.skip("two-view methods take [2, B, C] logits: batch-level masks and correlations, no ignore_index")
     method = build_method(name)
     student, teacher, target = inputs(batch=12, seed=3)
     target = target.clone()
@@ -144,7 +153,7 @@ TOPK_METHODS = [n for n in ALL if "topk" in inspect.signature(METHODS.get(n)).pa
 
 @pytest.mark.parametrize("name", TOPK_METHODS)
 def test_dynamic_topk_mask_applies_to_nckd_only(name):
-    student, teacher, target = inputs(batch=8, classes=40, seed=6)
+    student, teacher, target = inputs(batch=8, classes=40, seed=6, views=views(name))
     plain = build_method(name, warmup_epochs=20)
     masked = build_method(name, warmup_epochs=20, topk=True, topk_ramp_end=150)
     assert plain.topk(1) is None and masked.topk(1) is None  # C unknown before the first forward
@@ -193,4 +202,4 @@ def test_only_ramp_arguments_default_to_none():
     """DTM's ramp start (None = warm-up) and deepkd's ramp end (None = the base's default)."""
     nullable = {param.name for name in ALL
                 for param in inspect.signature(METHODS.get(name)).parameters.values() if param.default is None}
-    assert nullable == {"topk_ramp_start", "topk_ramp_end"}
+    assert nullable == {"topk_ramp_start", "topk_ramp_end", "correlation_group_size"}

@@ -86,21 +86,35 @@ ORDER = ["experiment", "seed", "output_dir", "data", "student", "teacher", "meth
          "train"]
 
 
+def mask_ramp(schedule: dict) -> tuple:
+    """deepkd's choice of the epoch where the dynamic top-k mask's ramp ends, and why."""
+    if schedule["name"] == "step":
+        return min(schedule["milestones"]), "the first LR decay"
+    # the middle of the cosine decay after warm-up: the LR has halved, about as late as CIFAR's 150/240
+    warmup = schedule["warmup_epochs"]
+    return (warmup + schedule["epochs"]) // 2, (f"the middle of the cosine decay after the {warmup}-epoch warm-up, "
+                                                 "where the LR has halved")
+
+
 def mask_note(schedule: dict) -> str:
     """DeepKD recipes say where their dynamic top-k mask would end its ramp (the mask itself stays off)."""
-    if schedule["name"] == "step":
-        end, why = min(schedule["milestones"]), "the first LR decay"
-    else:  # the middle of the cosine decay after warm-up: the LR has halved, about as late as CIFAR's 150/240
-        warmup = schedule["warmup_epochs"]
-        end = (warmup + schedule["epochs"]) // 2
-        why = f"the middle of the cosine decay after the {warmup}-epoch warm-up, where the LR has halved"
+    end, why = mask_ramp(schedule)
     return (f"Top-k mask off (method.topk: false): the reference code behind DeepKD's published numbers never used "
             f"it; to turn it on add method.topk=true method.topk_ramp_end={end} ({why}, deepkd's choice)")
 
 
-def write(path: Path, header: list, recipe: dict) -> None:
+def write(path: Path, header: list, recipe: dict, topk: bool = False) -> None:
     recipe = {key: recipe[key] for key in ORDER if key in recipe}
-    if recipe["method"]["name"].startswith("deepkd"):
+    if topk:  # the paper's dagger rows: the dynamic top-k curriculum on NCKD
+        end, why = mask_ramp(recipe["schedule"])
+        start = recipe["method"].get("warmup_epochs", 0)
+        recipe["method"] = {**recipe["method"], "topk": True, "topk_ramp_end": end}
+        recipe["experiment"] += "_topk"
+        header = [*header, f"Top-k curriculum on (the paper's dagger rows): NCKD over the teacher's top K non-target "
+                           f"classes, K = 5% of the classes until epoch {start} (the warm-up), then rising linearly "
+                           f"to all classes at epoch {end} ({why}); the paper publishes no boundaries, these are "
+                           "deepkd's choice"]
+    elif recipe["method"]["name"].startswith("deepkd"):
         recipe["method"] = {**recipe["method"], "topk": False}
         header = [*header, mask_note(recipe["schedule"])]
     lines = [f"# {h}" for h in header]
@@ -168,9 +182,10 @@ def write_pair(t: str, s: str, spec: dict) -> None:
               distill(t, s, {"name": "dtkd", "alpha": float(alpha), "beta": float(beta), "temperature": 4.0,
                              "ce_weight": 1.0, "warmup_epochs": 20}, "dtkd"))
     if "deep" in spec:
-        write(folder / "deepkd_dkd.yaml", [f"DeepKD + DKD (Huang et al., 2025), CIFAR-100 table, momenta as the "
-                                           f"reference code ran them; {pair}", expected(None)],
-              deepkd_dkd(t, s, spec["deep"]))
+        for topk, name in ((False, "deepkd_dkd"), (True, "deepkd_dkd_topk")):
+            write(folder / f"{name}.yaml", [f"DeepKD + DKD (Huang et al., 2025), CIFAR-100 table, momenta as the "
+                                            f"reference code ran them; {pair}", expected(None)],
+                  deepkd_dkd(t, s, spec["deep"]), topk=topk)
     write(folder / "deepkd_kd.yaml", [f"DeepKD + KD (Huang et al., 2025), CIFAR-100 table, momenta as the "
                                       f"reference code ran them; {pair}", expected(None)],
           deepkd_kd(t, s, spec["deepkd_kd"]))
@@ -227,8 +242,9 @@ def write_imagenet(t: str, s: str, spec: dict) -> None:
                          "stream_momentum": {"task": 0.825, "target": 0.825, "non_target": spec["deep_mn"]}}
     deep["schedule"] = cosine
     top = "74.65 (2nd-hand, spec/RECIPES.md)" if s == "mobilenetv1" else None
-    write(folder / "deepkd_dkd.yaml", [f"DeepKD + DKD (Huang et al., 2025), ImageNet table; {pair}",
-                                       f"expected top-1: {top}" if top else expected(None)], deep)
+    for topk, name in ((False, "deepkd_dkd"), (True, "deepkd_dkd_topk")):
+        write(folder / f"{name}.yaml", [f"DeepKD + DKD (Huang et al., 2025), ImageNet table; {pair}",
+                                        f"expected top-1: {top}" if top else expected(None)], deep, topk=topk)
     if spec["kd_mn"] is not None:
         deep_kd = imagenet_base(t, s, "deepkd_kd")
         deep_kd["method"] = {"name": "deepkd_kd", "temperature": 1.0, "ce_weight": 0.5}
@@ -276,6 +292,8 @@ def write_timm_pair() -> None:
         top = "expected top-1: 75.75 (published, in a setting not known)" if name == "deepkd_dkd" else \
             "expected top-1: not published for this method"
         write(folder / f"{name}.yaml", [f"{titles[name]}; {pair}", top, *TIMM_HEADER], recipe)
+        if name == "deepkd_dkd":
+            write(folder / f"{name}_topk.yaml", [f"{titles[name]}; {pair}", top, *TIMM_HEADER], recipe, topk=True)
 
 
 # CIFAR-10 and Tiny-ImageNet. No DKD/DeepKD paper publishes a CIFAR-10 setting, so those recipes reuse each
@@ -453,6 +471,153 @@ def write_coco() -> None:
                 recipe, sort_keys=False)
 
 
+# -- MLKD and CRLD (spec/MLKD_CRLD.md section 4), plain and under DeepKD -------------------------------
+# Plain MLKD (4.1): LR and epochs per pair. The epochs are those of the repository's first commit (the paper's
+# time; 480), except the ShuffleNet pairs' 960 of five days later; the step decay is 150/180/210 regardless.
+MLKD_PAIRS = {
+    ("resnet32x4", "resnet8x4"): (0.025, 480, 77.08), ("resnet56", "resnet20"): (0.025, 480, 72.19),
+    ("resnet110", "resnet32"): (0.025, 480, 74.11), ("vgg13", "vgg8"): (0.025, 480, 75.18),
+    ("wrn_40_2", "wrn_16_2"): (0.025, 480, 76.63), ("wrn_40_2", "wrn_40_1"): (0.025, 480, 75.35),
+    ("resnet32x4", "ShuffleV1"): (0.01, 960, None), ("resnet32x4", "ShuffleV2"): (0.01, 960, 78.44),
+    ("ResNet50", "MobileNetV2"): (0.01, 480, 71.04), ("vgg13", "MobileNetV2"): (0.01, 480, 70.57),
+    ("wrn_40_2", "ShuffleV1"): (0.01, 480, None),
+}
+# DeepKD-MLKD (4.3): LR, CE / KD weights, beta, m_ncg[, alpha][, epochs]; the reference trainer of all but the
+# first pair was `deepkd` (crashes on two views): these recipes run them as the first pair does.
+DEEP_MLKD = {
+    ("resnet32x4", "resnet8x4"): dict(lr=.025, w=(.5, .5), beta=2, mn=.95, runs=True, pub=79.15),
+    ("resnet56", "resnet20"): dict(lr=.025, w=(.5, .5), beta=8, mn=.95),
+    ("resnet110", "resnet20"): dict(lr=.025, w=(.5, .5), beta=8, mn=.95),
+    ("resnet110", "resnet32"): dict(lr=.025, w=(.5, .5), beta=8, mn=.95),
+    ("resnet32x4", "wrn_16_2"): dict(lr=.025, w=(.5, .5), beta=8, mn=.95),
+    ("resnet32x4", "wrn_40_2"): dict(lr=.025, w=(.5, .5), beta=8, mn=.95),
+    ("wrn_40_2", "wrn_16_2"): dict(lr=.025, w=(.5, .5), beta=8, mn=.95),
+    ("wrn_40_2", "wrn_40_1"): dict(lr=.025, w=(.5, .5), beta=8, mn=.925),
+    ("wrn_40_2", "resnet8x4"): dict(lr=.05, w=(.5, .5), beta=8, mn=.95),
+    ("resnet32x4", "ShuffleV2"): dict(lr=.01, w=(.5, .5), beta=8, mn=.95),
+    ("resnet32x4", "ShuffleV1"): dict(lr=.01, w=(.5, .9), beta=8, mn=.95, epochs=960),
+    ("resnet32x4", "vgg8"): dict(lr=.025, w=(.5, .9), beta=8, mn=.95),
+    ("ResNet50", "MobileNetV2"): dict(lr=.01, w=(.1, .9), beta=.5, mn=.95),
+    ("vgg13", "vgg8"): dict(lr=.01, w=(.1, .9), beta=.5, mn=.975),
+    ("wrn_40_2", "MobileNetV2"): dict(lr=.005, w=(.1, .9), beta=.5, mn=.95),
+    ("wrn_40_2", "ShuffleV1"): dict(lr=.01, w=(.1, .9), beta=8, mn=.95),
+    ("vgg13", "MobileNetV2"): dict(lr=.01, w=(1., 1.), beta=1, mn=.95, alpha=1.5),
+}
+# CRLD pairs (4.2 and 4.4): DeepKD-CRLD LR, schedule, beta, within-view weight, m_ncg; plain CRLD uses LR 0.05
+# (0.01 for MobileNetV2 and ShuffleV2 students), step decay, and its defaults. Published (CRLD, CRLD+DeepKD).
+CRLD_PAIRS = {
+    ("resnet32x4", "resnet8x4"): dict(lr=.05, sched="step", beta=2, wv=2, mn=.95, runs=True, pub=(77.60, 79.25)),
+    ("resnet32x4", "wrn_16_2"): dict(lr=.05, sched="step", beta=.5, wv=2, mn=.95, runs=True),
+    ("resnet32x4", "wrn_40_2"): dict(lr=.05, sched="cos", beta=.5, wv=2, mn=.95, runs=True),
+    ("resnet32x4", "ShuffleV2"): dict(lr=.01, sched="cos", beta=1, wv=.5, mn=.975, runs=True),
+    ("ResNet50", "MobileNetV2"): dict(lr=.01, sched="cos", beta=.5, wv=2, mn=.95, runs=True),
+    ("resnet56", "resnet20"): dict(lr=.05, sched="cos", beta=.5, wv=.5, mn=.95, runs=True, pub=(72.10, None)),
+    ("resnet110", "resnet20"): dict(lr=.05, sched="cos", beta=1, wv=1, mn=.95),
+    ("resnet110", "resnet32"): dict(lr=.05, sched="cos", beta=.5, wv=1, mn=.95, pub=(74.42, None)),
+    ("vgg13", "MobileNetV2"): dict(lr=.01, sched="cos", beta=.5, wv=2, mn=.95),
+    ("vgg13", "vgg8"): dict(lr=.05, sched="step", beta=.5, wv=2, mn=.95, pub=(75.27, None)),
+    ("wrn_40_2", "MobileNetV2"): dict(lr=.01, sched="cos", beta=2, wv=2, mn=.95),
+    ("wrn_40_2", "resnet8x4"): dict(lr=.05, sched="cos", beta=.5, wv=1, mn=.95),
+    ("wrn_40_2", "wrn_40_1"): dict(lr=.05, sched="cos", beta=.5, wv=.5, mn=.95, pub=(75.58, None)),
+    ("wrn_40_2", "wrn_16_2"): dict(lr=.05, sched=None, beta=.5, wv=2, mn=.95, pub=(76.45, None)),
+}
+TWO_VIEW = ("Two views per image (weak: crop + flip; strong: its own crop + flip, then the FixMatch RandAugment "
+            "+ Cutout), the student run once per view (spec/MLKD_CRLD.md 3).")
+COSINE_20 = {"name": "cosine", "warmup_epochs": 20, "warmup_start_factor": 0.1, "min_lr": 5e-5}
+UNVERIFIED = "expected top-1: unverified (no published number found for this method and pair)"
+
+
+def _published(value, source: str) -> str:
+    return f"expected top-1: {value:.2f} ({source})" if value is not None else UNVERIFIED
+
+
+def _decoupled(lr: float, mn: float, weight_decay: float = 5e-4) -> dict:
+    # m_tcg 0.825, which the reference's TOG buffer also uses (spec/MLKD_CRLD.md 1.2, METHODS.md 4.1)
+    return {"name": "decoupled", "lr": lr, "weight_decay": weight_decay, "weight_decay_stream": "target",
+            "stream_momentum": {"task": .825, "target": .825, "non_target": mn}}
+
+
+def write_mlkd_crld() -> None:
+    for (t, s), (lr, epochs, pub) in MLKD_PAIRS.items():
+        recipe = distill(t, s, {"name": "mlkd", "temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}, "mlkd")
+        recipe["optimizer"]["lr"] = lr
+        recipe["schedule"]["epochs"] = epochs
+        write(ROOT / "cifar100" / f"{t}-{s}" / "mlkd.yaml",
+              [f"MLKD (Jin et al., CVPR 2023), reference code's configs; CIFAR-100, {t} -> {s}; {epochs} epochs "
+               "(decay at 150/180/210 regardless)", _published(pub, "MLKD paper via spec/MLKD_CRLD.md 5"), TWO_VIEW],
+              recipe)
+    for (t, s), deep in DEEP_MLKD.items():
+        ce, kd = deep["w"]
+        recipe = distill(t, s, {"name": "deepkd_mlkd", "temperature": 4.0, "ce_weight": ce, "kd_weight": kd,
+                                "alpha": deep.get("alpha", 1.0), "beta": float(deep["beta"]), "warmup_epochs": 20},
+                         "deepkd_mlkd")
+        recipe["optimizer"] = _decoupled(deep["lr"], deep["mn"])
+        recipe["schedule"]["epochs"] = deep.get("epochs", 480)
+        trainer = ("runs as released" if deep.get("runs") else
+                   "released with a trainer that crashes on two views; run here with the two-view trainer")
+        write(ROOT / "cifar100" / f"{t}-{s}" / "deepkd_mlkd.yaml",
+              [f"DeepKD + MLKD (Huang et al., 2025), reference config ({trainer}); CIFAR-100, {t} -> {s}",
+               _published(deep.get("pub"), "2nd-hand, spec/MLKD_CRLD.md 5"), TWO_VIEW], recipe)
+    for (t, s), spec in CRLD_PAIRS.items():
+        pub = spec.get("pub", (None, None))
+        plain = distill(t, s, {"name": "crld", "ce_weight": 1.0, "within_view_weight": 2.0, "cross_view_weight": 0.5,
+                               "temperature": 4.0, "weak_threshold": 0.9, "strong_threshold": 0.2}, "crld")
+        write(ROOT / "cifar100" / f"{t}-{s}" / "crld.yaml",
+              [f"CRLD (Zhang et al., ACM MM 2024), reference code's configs; CIFAR-100, {t} -> {s}",
+               _published(pub[0], "unverified 3rd-party baseline, spec/MLKD_CRLD.md 5"), TWO_VIEW], plain)
+        deep = distill(t, s, {"name": "deepkd_crld", "ce_weight": 1.0, "within_view_weight": float(spec["wv"]),
+                              "cross_view_weight": 0.5, "temperature": 4.0, "weak_threshold": 0.9,
+                              "strong_threshold": 0.2, "alpha": 1.0, "beta": float(spec["beta"]), "warmup_epochs": 20},
+                       "deepkd_crld")
+        deep["optimizer"] = _decoupled(spec["lr"], spec["mn"])
+        if spec["sched"] != "step":
+            deep["schedule"] = {**COSINE_20, "epochs": 240}
+        trainer = ("runs as released" if spec.get("runs") else "released with a trainer that does not run (spec "
+                   "4.4); run here with the two-view trainer" + ("; its schedule key fails to load, cosine assumed"
+                                                                 if spec["sched"] is None else ""))
+        write(ROOT / "cifar100" / f"{t}-{s}" / "deepkd_crld.yaml",
+              [f"DeepKD + CRLD (Huang et al., 2025), reference config ({trainer}); CIFAR-100, {t} -> {s}",
+               _published(pub[1], "2nd-hand, spec/MLKD_CRLD.md 5"), TWO_VIEW], deep)
+    write_imagenet_mlkd_crld()
+
+
+def write_imagenet_mlkd_crld() -> None:
+    group = ("correlation_group_size 64: masks, fractions (and MLKD's correlations) per 64 images, as on each of "
+             "the reference's 8 GPUs")
+    for (t, s), mlkd_lr in ((("resnet34", "resnet18"), 0.1), (("resnet50", "mobilenetv1"), 0.2)):
+        folder, pair = ROOT / "imagenet" / f"{t}-{s}", f"ImageNet, {t} -> {s}, batch 512 (e.g. 8 GPUs x 64)"
+        crld = imagenet_base(t, s, "crld")
+        crld["method"] = {"name": "crld", "ce_weight": 2.0, "within_view_weight": 2.0, "cross_view_weight": 0.5,
+                          "temperature": 1.0, "weak_threshold": 0.9, "strong_threshold": 0.2,
+                          "correlation_group_size": 64}
+        write(folder / "crld.yaml", [f"CRLD (Zhang et al., ACM MM 2024), reference config; {pair}", UNVERIFIED,
+                                     TWO_VIEW, group], crld)
+        deep = imagenet_base(t, s, "deepkd_crld")
+        deep["method"] = {**crld["method"], "name": "deepkd_crld", "alpha": 1.0, "beta": 0.5, "warmup_epochs": 20}
+        deep["optimizer"] = _decoupled(0.2, 0.95, weight_decay=1e-4)
+        deep["schedule"] = {**COSINE_20, "epochs": 100}
+        top = ("expected top-1: 74.65 is DeepKD's best ResNet50 -> MobileNetV1, variant unknown (spec/RECIPES.md)"
+               if s == "mobilenetv1" else UNVERIFIED)
+        write(folder / "deepkd_crld.yaml", [f"DeepKD + CRLD (Huang et al., 2025), reference config; {pair}", top,
+                                            TWO_VIEW, group], deep)
+        mlkd = imagenet_base(t, s, "mlkd")
+        mlkd["method"] = {"name": "mlkd", "temperature": 1.0, "ce_weight": 0.5, "kd_weight": 0.5,
+                          "correlation_group_size": 64}
+        mlkd["optimizer"]["lr"] = mlkd_lr
+        write(folder / "mlkd.yaml", [f"MLKD (Jin et al., CVPR 2023), reference config kd_ours.yaml; {pair}",
+                                     _published({"resnet18": 71.90, "mobilenetv1": 73.01}[s],
+                                                "from memory of the MLKD paper, unverified"), TWO_VIEW, group], mlkd)
+    deep = imagenet_base("resnet34", "resnet18", "deepkd_mlkd")
+    deep["method"] = {"name": "deepkd_mlkd", "temperature": 1.0, "ce_weight": 0.1, "kd_weight": 0.9, "alpha": 1.0,
+                      "beta": 0.5, "warmup_epochs": 20, "correlation_group_size": 64}
+    deep["optimizer"] = _decoupled(0.1, 0.95, weight_decay=1e-4)
+    deep["schedule"] = {**COSINE_20, "epochs": 100}
+    write(ROOT / "imagenet" / "resnet34-resnet18" / "deepkd_mlkd.yaml",
+          ["DeepKD + MLKD (Huang et al., 2025), reference config r34_r18/deepkd_mlkd (released with a trainer that "
+           "crashes; run here with the two-view trainer); ImageNet, resnet34 -> resnet18, batch 512", UNVERIFIED,
+           TWO_VIEW, group], deep)
+
+
 def recipes() -> Dict[str, str]:
     """Every recipe as ``{path relative to src/deepkd/configs: file text}``."""
     RECIPES.clear()
@@ -468,6 +633,7 @@ def recipes() -> Dict[str, str]:
     write_cifar10()
     write_tinyimagenet()
     write_coco()
+    write_mlkd_crld()
     return dict(RECIPES)
 
 
