@@ -15,7 +15,7 @@ from deepkd.losses.registry import build_method as _build_method
 from deepkd.models import create_model, load_pretrained
 from deepkd.models.ecosystem import data_config
 from deepkd.models.teachers import find_teacher, missing_teacher_message
-from deepkd.optim import DecoupledMomentumSGD, cosine_lr, step_lr
+from deepkd.optim import DecoupledMomentumSGD, GSNRMomentum, cosine_lr, step_lr
 from deepkd.train.config import (
     FOLDER_KEYS,
     MethodConfig,
@@ -114,11 +114,21 @@ def build_sync_batchnorm(model: nn.Module, device: torch.device, ctx) -> nn.Modu
     return nn.SyncBatchNorm.convert_sync_batchnorm(model) if ctx.enabled else model
 
 
+def build_auto_momentum(cfg: OptimizerConfig) -> Optional[GSNRMomentum]:
+    """The GSNR-driven momentum rule of ``stream_momentum: auto``, else None."""
+    if getattr(cfg, "stream_momentum", None) != "auto":
+        return None
+    return GSNRMomentum(**cfg.auto_momentum.model_dump())
+
+
 def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Weight decay on every parameter (reference recipe: BN and biases included)."""
+    """Weight decay on every parameter (reference recipe: BN and biases included). ``stream_momentum:
+    auto`` starts from the rule's initial coefficients (its config sets ``merge_equal: false``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.name == "decoupled":
-        return DecoupledMomentumSGD(params, lr=cfg.lr, momentum=dict(cfg.stream_momentum),
+        auto = build_auto_momentum(cfg)
+        momentum = auto.initial() if auto is not None else dict(cfg.stream_momentum)
+        return DecoupledMomentumSGD(params, lr=cfg.lr, momentum=momentum,
                                     weight_decay=cfg.weight_decay,
                                     weight_decay_stream=cfg.weight_decay_stream, merge_equal=cfg.merge_equal)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,

@@ -30,6 +30,7 @@ from deepkd.errors import ConfigError
 from deepkd.optim import DecoupledMomentumSGD, cosine_lr, step_lr
 from deepkd.provenance import provenance
 from deepkd.registry import closest
+from deepkd.train.auto_config import AutoMomentumChecks, AutoMomentumConfig
 
 __all__ = ["ConfigError", "RunConfig", "check_resume", "config_to_dict", "load_config", "save_config",
            "validate_config"]
@@ -284,14 +285,18 @@ class SGDConfig(_Strict):
     allow_base_method: bool = False
 
 
-class DecoupledConfig(_Strict):
+class DecoupledConfig(AutoMomentumChecks, _Strict):
     """``decoupled``: :class:`deepkd.optim.DecoupledMomentumSGD`, one momentum per gradient stream.
-    A stream's steady-state step is ``lr / (1 - m)`` (x20 at m = 0.95, x5.7 at 0.825)."""
+    A stream's steady-state step is ``lr / (1 - m)`` (x20 at m = 0.95, x5.7 at 0.825). ``stream_momentum:
+    auto`` (one-view classification): coefficients from the streams' GSNR measured during training, within
+    [mu - delta, mu + delta] and monotone in smoothed log-GSNR (:mod:`deepkd.optim.auto_momentum`); its
+    settings ``auto_momentum`` are read only then, and it needs ``merge_equal: false`` (its default)."""
 
     name: Literal["decoupled"] = "decoupled"
     lr: float = Field(LR, gt=0)
-    stream_momentum: Dict[Stream, float] = Field(
+    stream_momentum: Union[Literal["auto"], Dict[Stream, float]] = Field(
         default_factory=lambda: dict(_default(DecoupledMomentumSGD, "momentum")))
+    auto_momentum: Optional[AutoMomentumConfig] = None
     weight_decay: float = Field(_default(DecoupledMomentumSGD, "weight_decay"), ge=0)
     weight_decay_stream: Stream = _default(DecoupledMomentumSGD, "weight_decay_stream")
     merge_equal: bool = _default(DecoupledMomentumSGD, "merge_equal")
@@ -382,6 +387,10 @@ class RunConfig(_Strict):
         if self.teacher is not None and not method_needs_teacher(method):
             raise ValueError(f"the teacher section is not used by method {method!r} (it trains without a teacher): "
                              "remove it or choose a distillation method")
+        if getattr(self.optimizer, "stream_momentum", None) == "auto" and (self.detection or method_views(method) == 2):
+            what = "detection" if self.detection else f"method {method!r} (its loss couples the samples of a batch)"
+            raise ValueError(f"optimizer.stream_momentum: auto measures per-sample gradients, which {what} does "
+                             "not have; give the coefficients")
         if self.optimizer.name == "sgd" and is_deepkd_method(method) != self.optimizer.allow_base_method:
             if self.optimizer.allow_base_method:
                 raise ValueError(f"optimizer.allow_base_method is only for a DeepKD method under sgd, not {method!r}")
@@ -423,7 +432,8 @@ class RunConfig(_Strict):
             return
         if self.train.teacher_cache:
             raise ValueError(f"train.teacher_cache cannot serve method {method!r}: its strong views are random "
-                             "RandAugment images, not one of the cached crop/flip views; set train.teacher_cache: false")
+                             "RandAugment images, not one of the cached crop/flip views; "
+                             "set train.teacher_cache: false")
         if self.train.gsnr_every:
             raise ValueError(f"train.gsnr_every measures per-sample gradients, which method {method!r} does not have "
                              "(its loss couples the samples of a batch); set train.gsnr_every: 0")
@@ -539,6 +549,8 @@ def config_to_dict(cfg: RunConfig) -> Dict[str, Any]:
     data = cfg.model_dump(mode="json")
     data["data"] = {k: v for k, v in data["data"].items() if k in cfg.data.used_keys()}
     data["method"] = {"name": cfg.method.name, **cfg.method.resolved_arguments()}
+    if data["optimizer"].get("auto_momentum", "") is None:  # read only with stream_momentum: auto
+        data["optimizer"].pop("auto_momentum")
     for role in ("student", "teacher"):  # weights_backbone: detectors only
         if data.get(role) is not None and not cfg.detection:
             data[role].pop("weights_backbone")

@@ -36,6 +36,7 @@ from deepkd.train.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from deepkd.train.gsnr_probe import adapt_momentum, momentum_record
 from deepkd.train.logs import MetricsWriter, Progress
 from deepkd.train.run_folder import claim_run_folder
 from deepkd.train.signals import StopSignals as _Interrupt
@@ -63,6 +64,7 @@ class Run:
     writer: Optional[MetricsWriter]
     progress: Progress
     cache: Any = None  # TeacherLogitCache serving the teacher's logits per augmented view
+    auto_momentum: Any = None  # GSNRMomentum of ``stream_momentum: auto`` (its state is checkpointed)
 
     @property
     def decoupled(self) -> bool:
@@ -200,6 +202,8 @@ def save_state(run: Run, path: Path, position: Position) -> None:
     state = {"format": FORMAT, "model": run.student.state_dict(), "optimizer": run.optimizer.state_dict(),
              **position.as_dict(), "topk": run.method.topk(position.epoch), "rng": rng_state(),
              "config": config_to_dict(run.cfg), "provenance": provenance()}
+    if run.auto_momentum is not None:
+        state["auto_momentum"] = run.auto_momentum.state_dict()
     atomic_save(state, path)
 
 
@@ -237,7 +241,8 @@ def setup_run(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> Run:
     run = Run(cfg, run_dir, device, ctx, student, forward, teacher, method, optimizer,
               build.build_schedule(cfg.schedule, cfg.optimizer.lr), data,
               [p for p in student.parameters() if p.requires_grad], writer,
-              Progress(cfg.train.progress, cfg.train.log_every, enabled=ctx.is_main))
+              Progress(cfg.train.progress, cfg.train.log_every, enabled=ctx.is_main),
+              auto_momentum=build.build_auto_momentum(cfg.optimizer))
     if cfg.train.teacher_cache and teacher is not None:
         run.cache = build.build_teacher_cache(cfg, teacher, data.train, ctx)
     return run
@@ -247,7 +252,9 @@ def restore(run: Run, path: Path) -> Position:
     """Load ``last.pt`` into the run; returns where it stopped."""
     ckpt = load_checkpoint(path)
     run.student.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])  # with the coefficients (param_groups' stream_momentum)
+    if run.auto_momentum is not None:
+        run.auto_momentum.load_state_dict(ckpt["auto_momentum"])
     set_rng_state(ckpt["rng"])
     return Position.from_checkpoint(ckpt)
 
@@ -296,6 +303,7 @@ def _run_epoch(run: Run, position: Position, stop: _Interrupt) -> Optional[Dict[
             run.progress.step(desc, index + 1, total, {"loss": float(loss)}, started)
         if cfg.train.gsnr_every and position.step % cfg.train.gsnr_every == 0:
             _record_gsnr(run, images, targets, epoch, position.step)
+        adapt_momentum(run, images, targets, epoch, position.step)  # stream_momentum: auto, when due
         due = cfg.train.checkpoint_every > 0 and position.step % cfg.train.checkpoint_every == 0
         stopping = stop.agreed(run, logged or due) or position.step == cfg.train.stop_after_steps
         if stopping or due:
@@ -349,7 +357,7 @@ def _end_epoch(run: Run, position: Position, train_metrics: Dict[str, float], se
     test = _evaluate(run, run.forward)
     record = {"epoch": epoch, "step": position.step, "lr": run.optimizer.param_groups[0]["lr"],
               **train_metrics, "test_top1": test["top1"], "test_top5": test["top5"],
-              "test_loss": test["loss"], "topk": run.method.topk(epoch), "seconds": seconds}
+              "test_loss": test["loss"], "topk": run.method.topk(epoch), **momentum_record(run), "seconds": seconds}
     improved = test["top1"] > position.best
     position.best = max(position.best, test["top1"])
     position.next_epoch()
