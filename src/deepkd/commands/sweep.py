@@ -251,6 +251,54 @@ class _Board:
         self.stream.flush()
 
 
+def _schedule(runs: List[SweepRun], limit: int, start, board: _Board, poll_s: float) -> List[str]:
+    """Start the queued runs, at most ``limit`` at once, until all end; a SIGINT/SIGTERM stops the
+    running ones (each saves ``last.pt``) and starts no more. Returns the signals received."""
+    signals: List[str] = []
+    running: Dict[int, Tuple[SweepRun, object]] = {}
+
+    def on_signal(signum, frame):
+        signals.append(signal.Signals(signum).name)
+        for _, handle in running.values():
+            handle.stop()
+
+    main_thread = threading.current_thread() is threading.main_thread()  # elsewhere: runs stop on their own
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    pending = [r for r in runs if r.state == "queued"]
+    try:
+        while running or (pending and not signals):
+            while pending and not signals and len(running) < limit:
+                slot = min(set(range(limit)) - set(running))
+                run = pending.pop(0)
+                run.state, handle = "running", start(run, slot)
+                running[slot] = (run, handle)
+                if signals:  # a signal while it started
+                    handle.stop()
+            for slot, (run, handle) in list(running.items()):
+                ok = handle.poll()
+                if ok is not None:
+                    state = run_state(run.run_dir)
+                    stopped = ok or bool(signals)  # saved on its signal (or not yet started): rerun continues it
+                    run.state = "finished" if state == "finished" else "stopped" if stopped else "failed"
+                    del running[slot]
+            board.update()
+            if running:
+                time.sleep(poll_s)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return signals
+
+
+def _write_manifest(out_dir: Path, runs: List[SweepRun], grid: Dict) -> None:
+    """``sweep.json``: the grid and each run's configuration, seed and folder (written atomically)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    folders = [{"config": r.config, "recipe": r.recipe, "set": r.values, "seed": r.seed,
+                "folder": str(r.run_dir.relative_to(out_dir))} for r in runs]
+    (out_dir / f".{MANIFEST}.tmp").write_text(json.dumps({**grid, "runs": folders}, indent=1))
+    (out_dir / f".{MANIFEST}.tmp").replace(out_dir / MANIFEST)
+
+
 def run_sweep(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Union[str, Sequence[int], None] = None,
               set_values: Sequence[str] = (), out: str = "runs/sweep", jobs: Optional[int] = None,
               executor: str = "local", dry_run: bool = False, timeout_min: float = 24 * 60, gpus_per_node: int = 1,
@@ -281,13 +329,8 @@ def run_sweep(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Unio
             action = "skip (finished)" if run.state == "finished" else "deepkd " + shlex.join(train_command(run)[3:])
             stream.write(f"{run.key}: {action}\n")
         return {run.key: run.state for run in runs}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    folders = [{"config": r.config, "recipe": r.recipe, "set": r.values, "seed": r.seed,
-                "folder": str(r.run_dir.relative_to(out_dir))} for r in runs]
-    manifest = {"recipes": list(recipes), "seeds": seed_list, "set": dict(grid), "overrides": list(overrides),
-                "executor": executor, "runs": folders}
-    (out_dir / f".{MANIFEST}.tmp").write_text(json.dumps(manifest, indent=1))
-    (out_dir / f".{MANIFEST}.tmp").replace(out_dir / MANIFEST)
+    _write_manifest(out_dir, runs, {"recipes": list(recipes), "seeds": seed_list, "set": dict(grid),
+                                    "overrides": list(overrides), "executor": executor})
 
     limit = jobs or (len(runs) if executor == "slurm" else 1)
     gpus = _visible_gpus() if executor != "slurm" else []
@@ -307,40 +350,8 @@ def run_sweep(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Unio
             submitter.update_parameters(gpus_per_node=1, visible_gpus=[int(gpu)])
         return _Submitted(run, submitter, threads)
 
-    signals: List[str] = []
-    running: Dict[int, Tuple[SweepRun, object]] = {}
-
-    def on_signal(signum, frame):
-        signals.append(signal.Signals(signum).name)
-        for _, handle in running.values():
-            handle.stop()
-
-    main_thread = threading.current_thread() is threading.main_thread()  # elsewhere: runs stop on their own
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     board = _Board(runs, stream)
-    pending = [r for r in runs if r.state == "queued"]
-    try:
-        while running or (pending and not signals):
-            while pending and not signals and len(running) < limit:
-                slot = min(set(range(limit)) - set(running))
-                run = pending.pop(0)
-                run.state, handle = "running", start(run, slot)
-                running[slot] = (run, handle)
-                if signals:  # a signal while it started
-                    handle.stop()
-            for slot, (run, handle) in list(running.items()):
-                ok = handle.poll()
-                if ok is not None:
-                    state = run_state(run.run_dir)
-                    stopped = ok or bool(signals)  # saved on its signal (or not yet started): rerun continues it
-                    run.state = "finished" if state == "finished" else "stopped" if stopped else "failed"
-                    del running[slot]
-            board.update()
-            if running:
-                time.sleep(poll_s)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    signals = _schedule(runs, limit, start, board, poll_s)
     board.update(force=True)
     for run in runs:
         if run.state == "failed":

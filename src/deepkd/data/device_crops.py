@@ -36,7 +36,8 @@ class RandomResizedCropLoader(DeviceLoader):
         super().__init__(images, labels, train=True, pad=0, **options)
         self.size, self.scale, self.ratio = size, scale, ratio
 
-    def crop_boxes(self, epoch: int, index: int, count: int, stream: int = _STREAM) -> Tuple[torch.Tensor, torch.Tensor]:
+    def crop_boxes(self, epoch: int, index: int, count: int,
+                   stream: int = _STREAM) -> Tuple[torch.Tensor, torch.Tensor]:
         """float ``[count, 4]`` boxes ``(left, top, right, bottom)`` in pixels and bool ``[count]`` flips."""
         generator = _generator(self.seed, epoch, index, stream)
         height, width = self.images.shape[-2:]

@@ -162,7 +162,7 @@ class DeviceLoader:
 
         height, width = self.images.shape[-2:]
         params = draw_params(count, height, width, generator=_generator(self.seed, epoch, index, STRONG_RA))
-        return type(params)(*(self._shard(t.to(self.device)) for t in params))
+        return type(params)(*(self._shard(t) for t in params))  # on the CPU: no device syncs in apply
 
     def _view(self, chosen, dy, dx, flips, *angles) -> torch.Tensor:
         """uint8 training pixels: (rotated,) padded-cropped and flipped images ``chosen``."""
