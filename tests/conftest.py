@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from deepkd.train.config import validate_config
 
@@ -60,3 +61,11 @@ def trained_teacher(tmp_path):
     cfg = tiny_config(tmp_path, experiment="teacher", schedule__epochs=1)
     train(cfg)
     return str(tmp_path / "runs" / "teacher" / "seed3" / "best.pt")
+
+
+def assert_same(ours, theirs, student):
+    """Values and gradients w.r.t. the student logits agree to 1e-6 (float64)."""
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
+    grad_ours, = torch.autograd.grad(ours, student, retain_graph=True)
+    grad_theirs, = torch.autograd.grad(theirs, student, retain_graph=True)
+    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-6, atol=1e-9)

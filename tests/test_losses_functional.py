@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as torch_functional
+from conftest import assert_same
 
 from deepkd.losses import functional as F
 
@@ -89,14 +90,6 @@ def make_inputs(batch=16, classes=10, seed=0, dtype=torch.float64, positive_max=
         student, teacher = student + 1.5, teacher + 2.0
     target = torch.randint(0, classes, (batch,), generator=generator)
     return student.requires_grad_(True), teacher, target
-
-
-def assert_same(ours, theirs, student):
-    """Values and gradients w.r.t. the student logits agree to 1e-6 (float64)."""
-    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
-    grad_ours, = torch.autograd.grad(ours, student, retain_graph=True)
-    grad_theirs, = torch.autograd.grad(theirs, student, retain_graph=True)
-    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 4.0])

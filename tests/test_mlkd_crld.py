@@ -4,6 +4,7 @@ section 6.1 and the options of section 6.2."""
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same
 
 from deepkd.losses import METHODS, build_method, stream_losses, total_loss
 from deepkd.losses import multiview as V
@@ -158,14 +159,6 @@ def views(batch=16, classes=10, seed=0, dtype=torch.float64):
     teacher = torch.randn(2, batch, classes, generator=generator, dtype=dtype) * 3
     target = torch.randint(0, classes, (batch,), generator=generator)
     return student.requires_grad_(True), teacher, target
-
-
-def assert_same(ours, theirs, student):
-    """Values and gradients w.r.t. the student logits agree to 1e-6 (float64)."""
-    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
-    grad_ours, = torch.autograd.grad(ours, student, retain_graph=True)
-    grad_theirs, = torch.autograd.grad(theirs, student, retain_graph=True)
-    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-6, atol=1e-9)
 
 
 def assert_terms(terms, reference, student, streams):
