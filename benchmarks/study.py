@@ -24,7 +24,8 @@ STUDY = ["ce", "kd", "dkd", "deepkd_kd_ref", "deepkd_kd_paper", "deepkd_dkd_ref"
          "deepkd_dkd_topk", "deepkd_dkd_auto"]
 TWO_VIEW = ["mlkd", "crld", "deepkd_mlkd", "deepkd_crld"]
 # (a, b): the differences the study reports, a - b with a 95% Welch interval
-COMPARISONS = [("kd", "ce"), ("dkd", "kd"), ("deepkd_kd_ref", "kd"), ("deepkd_kd_paper", "kd"),
+COMPARISONS = [("kd", "ce"), ("dkd", "ce"), ("dkd", "kd"), ("deepkd_dkd_ref", "kd"), ("deepkd_kd_ref", "kd"),
+               ("deepkd_kd_paper", "kd"),
                ("deepkd_kd_paper", "deepkd_kd_ref"), ("deepkd_dkd_ref", "dkd"), ("deepkd_dkd_paper", "dkd"),
                ("deepkd_dkd_paper", "deepkd_dkd_ref"), ("deepkd_dkd_topk", "deepkd_dkd_ref"),
                ("deepkd_dkd_auto", "deepkd_dkd_ref"), ("deepkd_dkd_auto", "dkd")]
@@ -76,9 +77,17 @@ def _table(folders: List[Path], order: List[str], comparisons) -> str:
     return "\n".join(lines)
 
 
+def _band(ax, steps: List[int], runs: List[List[dict]], key: str, label: str) -> None:
+    """Mean over the seeds of ``key`` per measurement, with the seeds' min-max band."""
+    values = [[r.get(key, float("nan")) for r in records[:len(steps)]] for records in runs]
+    columns = list(zip(*values))
+    ax.plot(steps[:len(columns)], [sum(v) / len(v) for v in columns], label=label)
+    ax.fill_between(steps[:len(columns)], [min(v) for v in columns], [max(v) for v in columns], alpha=0.2)
+
+
 def _gsnr_figure(folder: Path, path: Path) -> None:
     """Per-stream GSNR over training (mean over seeds, min-max band), one panel per configuration;
-    for auto-momentum runs a second row with the momenta the rule chose."""
+    below it, for auto-momentum runs, the momenta the rule chose."""
     from deepkd.commands.plots import _pyplot
 
     plt = _pyplot()
@@ -88,21 +97,22 @@ def _gsnr_figure(folder: Path, path: Path) -> None:
         configs.setdefault(log.parent.parent.name, []).append(records)
     if not configs:
         return
-    fig, axes = plt.subplots(1, len(configs), figsize=(5 * len(configs), 3.6), squeeze=False)
-    for ax, (name, runs) in zip(axes[0], sorted(configs.items())):
+    rows = 2 if any("momentum/task" in runs[0][0] for runs in configs.values()) else 1
+    fig, axes = plt.subplots(rows, len(configs), figsize=(5 * len(configs), 3.6 * rows), squeeze=False)
+    for column, (name, runs) in enumerate(sorted(configs.items())):
         steps = [r["step"] for r in runs[0]]
+        ax = axes[0][column]
         for stream in ("task", "target", "non_target"):
-            key = f"gsnr/{stream}"
-            values = [[r.get(key, float("nan")) for r in records[:len(steps)]] for records in runs]
-            mean = [sum(v) / len(v) for v in zip(*values)]
-            ax.plot(steps[:len(mean)], mean, label=stream)
-            low, high = [min(v) for v in zip(*values)], [max(v) for v in zip(*values)]
-            ax.fill_between(steps[:len(mean)], low, high, alpha=0.2)
-        ax.set_yscale("log")
-        ax.set_title(f"{name} ({len(runs)} seeds)")
-        ax.set_xlabel("step")
-        ax.set_ylabel("GSNR (mean over parameters)")
+            _band(ax, steps, runs, f"gsnr/{stream}", stream)
+        ax.set(yscale="log", title=f"{name} ({len(runs)} seeds)", xlabel="step",
+               ylabel="GSNR (mean over parameters)")
         ax.legend()
+        if rows == 2:
+            ax = axes[1][column]
+            for stream in ("task", "target", "non_target"):
+                _band(ax, steps, runs, f"momentum/{stream}", stream)
+            ax.set(title="momenta chosen (stream_momentum: auto)", xlabel="step", ylabel="momentum")
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -131,7 +141,7 @@ def main() -> None:
     go = sub.add_parser("run")
     go.add_argument("--seeds", default="0-4")
     go.add_argument("--two-view-seeds", default="0-2")
-    go.add_argument("--gsnr-seeds", default="0-1")
+    go.add_argument("--gsnr-seeds", default="0")
     go.add_argument("--jobs", type=int, default=2)
     sub.add_parser("report")
     args = parser.parse_args()
