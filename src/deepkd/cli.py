@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="classification (default): CIFAR-shaped set; detection: tiny Faster R-CNN, COCO-format set")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (CI smoke test)")
     demo.add_argument("--json", action="store_true", help="print a JSON object of the results last")
+    demo.add_argument("--train-teacher", action="store_true",
+                      help="train the teacher here (2.5 minutes; the same weights as the shipped one, bit for bit)")
     demo.add_argument("--out", default=None,
                       help="folder for the demo's runs and plot (runs/demo, runs/demo_detection)")
     listing = sub.add_parser("list", help="list models, methods or recipes")
@@ -174,7 +176,7 @@ def cmd_demo(args) -> int:
     if args.what == "detection":
         run_detection_demo(out=args.out or "runs/demo_detection", quick=args.quick, as_json=args.json)
     else:
-        run_demo(out=args.out or "runs/demo", quick=args.quick, as_json=args.json)
+        run_demo(out=args.out or "runs/demo", quick=args.quick, as_json=args.json, train_teacher=args.train_teacher)
     return 0
 
 
