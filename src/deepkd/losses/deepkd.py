@@ -40,19 +40,22 @@ register_method("deepkd_dtkd", base="dtkd")(DTKDDKD)
 
 @register_method("deepkd_kd", base="kd")
 class DeepKDKD(Method):
-    """DeepKD with a KD base: ``ce_weight CE`` (task), ``w(e) TCKD`` (target),
-    ``w(e) (1 - pbar_t) NCKD`` (non_target); terms ``ce``, ``tckd``, ``nckd``.
+    """DeepKD with a KD base: ``ce_weight CE`` (task), ``kd_weight w(e) TCKD`` (target),
+    ``kd_weight w(e) (1 - pbar_t) NCKD`` (non_target); terms ``ce``, ``tckd``, ``nckd``.
 
     ``pbar_t`` is the batch mean of the teacher's target probability at T (no gradient).
     NOTE(paper): the reference code scales the batch-mean NCKD by the batch-mean weight
     ``(1 - pbar_t)``; the paper's exact decomposition of KD is the per-sample
     ``mean_b[(1 - p_t,y) T^2 KL(q_t || q_s)]``, chosen with ``per_sample_weight=True``.
-    The reference ignores ``kd_weight`` in this mode (there is none here). ``warmup_epochs``
-    defaults to 0 as in KD. Defaults: T = 4, ce_weight = 0.1 (CIFAR-100).
+    With ``per_sample_weight=True`` the two distillation terms sum to KD's ``T^2 KL``, so
+    ``kd_weight`` is KD's weight and, under momenta ``task = m - delta``, ``target = non_target =
+    m + delta`` with the weight decay on ``task``, this is DOT (Zhao et al., ICCV 2023; mdistiller:
+    ce 0.1, kd 0.9, delta 0.075). The reference DeepKD ignores KD's weight in this mode, hence the
+    default 1. ``warmup_epochs`` defaults to 0 as in KD. Defaults: T = 4, ce_weight = 0.1 (CIFAR-100).
     """
 
-    def __init__(self, *, temperature: float = 4.0, ce_weight: float = 0.1, warmup_epochs: int = 0,
-                 per_sample_weight: bool = False, topk: bool = False,
+    def __init__(self, *, temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 1.0,
+                 warmup_epochs: int = 0, per_sample_weight: bool = False, topk: bool = False,
                  topk_start_fraction: float = TOPK_START_FRACTION,
                  topk_ramp_start: Optional[int] = None, topk_ramp_end: Optional[int] = TOPK_RAMP_END,
                  topk_count_target: bool = False, ignore_index: int = -100):
@@ -60,6 +63,7 @@ class DeepKDKD(Method):
         check_positive("temperature", temperature)
         check_non_negative("warmup_epochs", warmup_epochs)
         self.temperature, self.ce_weight, self.warmup_epochs = temperature, ce_weight, warmup_epochs
+        self.kd_weight = kd_weight
         self.per_sample_weight, self.ignore_index = per_sample_weight, ignore_index
         self.dtm = DynamicTopK(enabled=topk, start_fraction=topk_start_fraction,
                                ramp_start=topk_ramp_start, ramp_end=topk_ramp_end,
@@ -75,7 +79,7 @@ class DeepKDKD(Method):
             non_target = terms.weighted_nckd
         else:
             non_target = (1 - terms.teacher_target_prob) * terms.nckd
-        weight = warmup_factor(epoch, self.warmup_epochs)
+        weight = self.kd_weight * warmup_factor(epoch, self.warmup_epochs)
         return decoupled_terms(ce, terms.tckd, non_target, ce_weight=self.ce_weight, tckd_weight=weight,
                                nckd_weight=weight)
 
