@@ -8,7 +8,8 @@ import torch
 from conftest import tiny_config, trained_teacher
 from torch import nn
 
-from deepkd.optim import DecoupledMomentumSGD, GSNRMomentum, gsnr, stream_grads
+from deepkd.optim import DecoupledMomentumSGD, gsnr, stream_grads
+from deepkd.optim import GSNRMomentum as _Rule
 from deepkd.train.checkpoint import load_checkpoint
 from deepkd.train.config import ConfigError, config_to_dict, validate_config
 from deepkd.train.loop import train
@@ -18,7 +19,42 @@ HIGH, LOW = MU + DELTA, MU - DELTA
 PAPER = {"task": HIGH, "target": LOW, "non_target": HIGH}
 
 
+def GSNRMomentum(*args, **kwargs):  # noqa: N802 - the tests of the interval rule (deepkd <= 0.1's default)
+    return _Rule(*args, **{"invariant": "interval", **kwargs})
+
+
 # -- the rule ---------------------------------------------------------------------------------------
+def steps(momenta):
+    """The streams' steady-state step multipliers 1 / (1 - m)."""
+    return {k: 1 / (1 - m) for k, m in momenta.items()}
+
+
+@pytest.mark.parametrize("gsnrs", [None, {"task": 3.0, "target": 0.01, "non_target": 3.0},
+                                   {"task": 1.0, "target": 0.01, "non_target": 100.0},
+                                   {"task": 5.0, "target": 5.0, "non_target": 5.0}, {"task": 2.0, "target": 0.5}])
+@pytest.mark.parametrize("mu, delta", [(0.9, 0.075), (0.9, 0.05), (0.8, 0.1)])
+def test_mean_step_rule_keeps_sgds_mean_step_and_the_intervals_step_ratio(gsnrs, mu, delta):
+    rule = _Rule(mu=mu, delta=delta, smoothing=0.0)
+    momenta = rule.initial() if gsnrs is None else rule.update(gsnrs)
+    a = steps(momenta)
+    assert sum(a.values()) / 3 == pytest.approx(1 / (1 - mu), rel=1e-12)
+    ratio = max(a.values()) / min(a.values())
+    measured = gsnrs is None or len(set(gsnrs.values())) > 1
+    assert ratio == pytest.approx((1 - mu + delta) / (1 - mu - delta) if measured else 1.0, rel=1e-12)
+    if gsnrs and len(gsnrs) == 3:  # monotone: a higher GSNR never gets a lower momentum
+        order = sorted(gsnrs, key=gsnrs.get)
+        assert [momenta[k] for k in order] == sorted(momenta[k] for k in order)
+
+
+def test_mean_step_rule_at_the_papers_ordering_by_hand():
+    """a = 10 * (sqrt 7, 1 / sqrt 7, sqrt 7) / mean = (14, 2, 14): momenta 13/14, 1/2, 13/14."""
+    momenta = _Rule().initial()
+    assert momenta == pytest.approx({"task": 13 / 14, "target": 0.5, "non_target": 13 / 14}, abs=1e-12)
+    assert _Rule(invariant="interval").initial() == PAPER
+    with pytest.raises(ValueError, match="invariant"):
+        _Rule(invariant="mean")
+
+
 def test_initial_coefficients_are_the_paper_rule():
     rule = GSNRMomentum()
     assert (rule.mu, rule.delta, rule.every, rule.samples) == (MU, DELTA, 200, 32)
@@ -187,7 +223,7 @@ def test_auto_config_resolves_every_default():
     optimizer = config_to_dict(cfg)["optimizer"]
     assert optimizer["stream_momentum"] == "auto" and optimizer["merge_equal"] is False
     assert optimizer["auto_momentum"] == {"mu": MU, "delta": DELTA, "smoothing": 0.9, "min_log_range": 0.0,
-                                          "every": 50, "samples": 32}
+                                          "every": 50, "samples": 32, "invariant": "mean_step"}
     assert config_to_dict(validate_config(config_to_dict(cfg))) == config_to_dict(cfg)  # a recipe again
     plain = config_to_dict(validate_config(_raw({"name": "decoupled"})))["optimizer"]
     assert "auto_momentum" not in plain and plain["merge_equal"] is True
@@ -250,12 +286,14 @@ def test_auto_momentum_end_to_end_and_exact_resume(tmp_path):
     measured = _records(full / "gsnr.jsonl")
     assert [r["step"] for r in measured] == [2, 4, 6, 8, 10]
     streams = ("task", "target", "non_target")
-    replay = GSNRMomentum(smoothing=0.5)  # the logged momenta are the rule applied to the logged GSNRs
+    replay = _Rule(smoothing=0.5)  # the logged momenta are the (mean_step) rule applied to the logged GSNRs
     for record in measured:
         expected = replay.update({k: record[f"gsnr/{k}"] for k in streams})
         assert {k: record[f"momentum/{k}"] for k in streams} == expected
-        assert max(expected.values()) == HIGH and min(expected.values()) == LOW
-    assert any(r[f"momentum/{k}"] != PAPER[k] for r in measured for k in streams)  # the rule moved them
+        a = steps(expected)
+        assert max(a.values()) / min(a.values()) == pytest.approx(7.0) and sum(a.values()) / 3 == pytest.approx(10.0)
+    initial = _Rule().initial()
+    assert any(r[f"momentum/{k}"] != initial[k] for r in measured for k in streams)  # the rule moved them
     epochs = _records(full / "metrics.jsonl")
     assert [{k: r[f"momentum/{k}"] for k in streams} for r in epochs] == \
         [{k: measured[i][f"momentum/{k}"] for k in streams} for i in (1, 4)]  # steps 4 and 10 end the epochs

@@ -101,3 +101,20 @@ def test_a_different_delta_is_not_dot():
         optimize(method(model(x), teacher, y, epoch=1), optimizer, list(model.parameters()), Dist())
     reference = mdistiller_dot(student(), 20)
     assert max((a - b).abs().max().item() for a, b in zip(model.parameters(), reference.parameters())) > 1e-4
+
+
+def test_control_a_deepkd_dkd_with_all_momenta_09_equals_dkd_under_sgd():
+    """Study control (a): one momentum for all three streams is DKD under SGD with that momentum."""
+    runs = []
+    for name, make in (("deepkd_dkd", lambda p: DecoupledMomentumSGD(p, lr=LR, weight_decay=WD, momentum=dict.fromkeys(
+            ("task", "target", "non_target"), 0.9))), ("dkd", lambda p: torch.optim.SGD(
+            p, lr=LR, momentum=0.9, weight_decay=WD))):
+        model = student().float()
+        method, optimizer = build_method(name, beta=8.0, warmup_epochs=2), make(model.parameters())
+        for step in range(20):
+            x, teacher, y = batch(step)
+            optimize(method(model(x.float()), teacher.float(), y, epoch=1 + step // 10), optimizer,
+                     list(model.parameters()), Dist())
+        runs.append(model)
+    gaps = [(a - b).abs().max().item() for a, b in zip(*(m.parameters() for m in runs))]
+    assert max(gaps) < 1e-6, gaps  # measured 0.0 (bit for bit) on the 2-core sandbox, torch 2.14.1

@@ -7,11 +7,12 @@ Defaults are :class:`deepkd.optim.GSNRMomentum`'s signature, the one place they 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deepkd.optim import GSNRMomentum
+from deepkd.optim.auto_momentum import INVARIANTS
 
 _DEFAULTS = {name: p.default for name, p in inspect.signature(GSNRMomentum).parameters.items()}
 
@@ -27,6 +28,7 @@ class AutoMomentumConfig(BaseModel):
     min_log_range: float = Field(_DEFAULTS["min_log_range"], ge=0)
     every: int = Field(_DEFAULTS["every"], gt=0)
     samples: int = Field(_DEFAULTS["samples"], gt=1)
+    invariant: Literal[INVARIANTS] = _DEFAULTS["invariant"]
 
     @model_validator(mode="after")
     def _check_interval(self) -> "AutoMomentumConfig":

@@ -1,0 +1,56 @@
+"""The study's recipes (benchmarks/study/<problem>/, STUDY.md): every configuration shares all settings
+but what it names, and the step-matched control is derived from DeepKD's momenta by its formula."""
+from pathlib import Path
+
+import pytest
+
+from deepkd.train.config import config_to_dict, load_config
+
+STUDY = Path(__file__).resolve().parents[1] / "benchmarks" / "study"
+PROBLEMS = sorted(p.name for p in STUDY.iterdir() if p.is_dir() and any(p.glob("*.yaml")))
+SHARED = ("seed", "output_dir", "data", "student", "schedule", "train")
+
+
+def configs(problem):
+    return {p.stem: config_to_dict(load_config(p)) for p in sorted((STUDY / problem).glob("*.yaml"))}
+
+
+def test_both_problems_are_there():
+    assert {"synthetic"} <= set(PROBLEMS)
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+def test_configurations_share_everything_they_do_not_name(problem):
+    found = configs(problem)
+    base = found["ce"]
+    for name, cfg in found.items():
+        assert cfg["experiment"] == name
+        for key in SHARED:
+            assert cfg[key] == base[key], (name, key)
+        assert cfg["optimizer"]["lr"] == base["optimizer"]["lr"]  # the grid sets it
+        if name != "ce":
+            assert cfg["teacher"] == found["kd"]["teacher"], name
+        if cfg["optimizer"]["name"] == "sgd":
+            assert (cfg["optimizer"]["momentum"], cfg["optimizer"]["nesterov"]) == (0.9, False), name
+            if name != "dkd_stepmatched":
+                assert cfg["optimizer"]["weight_decay"] == base["optimizer"]["weight_decay"], name
+        else:
+            assert cfg["optimizer"]["weight_decay"] == base["optimizer"]["weight_decay"], name
+    for name in ("deepkd_dkd_ref", "deepkd_dkd_paper", "deepkd_dkd_topk", "deepkd_dkd_auto", "deepkd_dkd_m09"):
+        drop_topk = lambda method: {k: v for k, v in method.items() if not k.startswith("topk")}  # noqa: E731
+        assert drop_topk(found[name]["method"]) == {**drop_topk(found["dkd"]["method"]), "name": "deepkd_dkd"}, name
+    assert found["dot"]["method"] == found["deepkd_kd_ref"]["method"]  # they differ in momenta alone
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+def test_step_matched_dkd_scales_each_term_by_its_deepkd_streams_step(problem):
+    found = configs(problem)
+    momenta, dkd, matched = (found["deepkd_dkd_ref"]["optimizer"]["stream_momentum"], found["dkd"]["method"],
+                             found["dkd_stepmatched"])
+    scale = {stream: (1 - 0.9) / (1 - m) for stream, m in momenta.items()}
+    decay_stream = found["deepkd_dkd_ref"]["optimizer"]["weight_decay_stream"]
+    assert matched["method"]["ce_weight"] == pytest.approx(dkd["ce_weight"] * scale["task"], rel=1e-5)
+    assert matched["method"]["alpha"] == pytest.approx(dkd["alpha"] * scale["target"], rel=1e-5)
+    assert matched["method"]["beta"] == pytest.approx(dkd["beta"] * scale["non_target"], rel=1e-5)
+    assert matched["optimizer"]["weight_decay"] == pytest.approx(
+        found["dkd"]["optimizer"]["weight_decay"] * scale[decay_stream], rel=1e-5)
