@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("pattern", nargs="?", default=None)
     plot = sub.add_parser("plot", help="PNG figures of one or more runs")
     plot.add_argument("runs", nargs="+")
-    plot.add_argument("--out", default=None, help="output folder (default: the first run's folder)")
+    plot.add_argument("--out", default=None,
+                      help="output folder (default: the run's folder; for several runs their common parent)")
     _sweep_parser(sub)
     summary = sub.add_parser("summary", help="best and last top-1 per experiment, mean +- std and 95%% CI over seeds")
     summary.add_argument("runs", nargs="+", help="run folders or folders containing runs")

@@ -1,8 +1,10 @@
 """``deepkd plot``: PNG figures of runs (accuracy, loss, LR, DTM K, per-stream GSNR)."""
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from deepkd.commands.summary import find_runs
 from deepkd.train.logs import GSNR_JSONL, METRICS_JSONL, read_jsonl
@@ -17,70 +19,108 @@ def _pyplot():
     return plt
 
 
-def _label(run_dir: Path, runs: List[Path]) -> str:
-    names = {r.parent.name for r in runs}
-    return run_dir.parent.name + (f"/{run_dir.name}" if len(names) < len(runs) else "")
+def configuration(run_dir: Path) -> str:
+    """A run's configuration: its experiment folder (the seeds of one configuration are its runs)."""
+    return run_dir.parent.name
 
 
-def _curves(ax, runs: List[Path], data: Dict[Path, list], keys: Sequence[str], title: str, log: bool = False):
-    for run_dir in runs:
-        records = data[run_dir]
-        epochs = [r["epoch"] for r in records]
-        for key in keys:
-            values = [r.get(key) for r in records]
-            if any(v is not None for v in values):
-                suffix = f" {key}" if len(keys) > 1 else ""
-                ax.plot(epochs, [float("nan") if v is None else v for v in values], marker="o", markersize=3,
-                        label=_label(run_dir, runs) + suffix)
-    ax.set_title(title)
-    ax.set_xlabel("epoch")
-    if log:
-        ax.set_yscale("log")
-    if ax.lines:
-        ax.legend(fontsize=7)
+def colours(runs: Sequence[Path]) -> Dict[str, str]:
+    """One colour per configuration, the same in every panel and figure of one call."""
+    names = sorted({configuration(r) for r in runs})
+    palette = [f"C{i}" for i in range(10)] if len(names) <= 10 else \
+        [_pyplot().get_cmap("tab20")(i / 20) for i in range(20)]
+    return {name: palette[i % len(palette)] for i, name in enumerate(names)}
+
+
+def default_out(runs: Sequence[Path]) -> Path:
+    """One run: its folder; several: their common parent (where a user looks for a comparison)."""
+    return runs[0] if len(runs) == 1 else Path(os.path.commonpath([str(r.resolve()) for r in runs]))
+
+
+def panels(data: Dict[Path, list]) -> List[Tuple[str, str, bool]]:
+    """``(metric key, title, log scale)`` of every panel this set of runs has values for, in order."""
+    keys = [k for records in data.values() for r in records for k in r]
+    if "AP" in keys:  # detection runs log box AP and each detector / distillation loss term
+        wanted = [("AP", "box AP (%)", False), ("AP50", "box AP50 (%)", False)]
+        wanted += [(k, k.replace("train_loss/", "training loss: "), False)
+                   for k in sorted({k for k in keys if k.startswith("train_loss/")})]
     else:
-        ax.text(0.5, 0.5, "not recorded in these runs", ha="center", va="center", transform=ax.transAxes)
+        wanted = [("test_top1", "test top-1 (%)", False), ("train_loss", "training loss", True),
+                  ("test_loss", "test loss", True)]
+    wanted += [("lr", "learning rate", True), ("topk", "dynamic top-k mask: K", False)]
+    wanted += [(k, k.replace("momentum/", "momentum: "), False) for k in sorted({k for k in keys
+                                                                                 if k.startswith("momentum/")})]
+    present = set(keys)
+    return [p for p in wanted if p[0] in present and _has_values(data, p[0])]
+
+
+def _has_values(data: Dict[Path, list], key: str) -> bool:
+    return any(r.get(key) is not None for records in data.values() for r in records)
+
+
+def _band(ax, runs: List[Path], data: Dict[Path, list], key: str, x: str, colour, label: str) -> None:
+    """Mean over a configuration's seeds as a line, min..max over them as a band (one run: its line)."""
+    series: Dict[float, list] = {}
+    for run_dir in runs:
+        for record in data[run_dir]:
+            if record.get(key) is not None:
+                series.setdefault(record[x], []).append(float(record[key]))
+    xs = sorted(series)
+    mean = [sum(series[v]) / len(series[v]) for v in xs]
+    ax.plot(xs, mean, color=colour, marker="o" if len(xs) < 40 else None, markersize=3,
+            label=f"{label} (n={len(runs)})" if len(runs) > 1 else label)
+    if len(runs) > 1:
+        ax.fill_between(xs, [min(series[v]) for v in xs], [max(series[v]) for v in xs], color=colour, alpha=0.2)
 
 
 def plot_runs(paths: Sequence[str | Path], out: Optional[str | Path] = None) -> List[Path]:
-    """Write ``curves.png`` (accuracy or box AP, losses, LR, K) and, when recorded, ``gsnr.png``; returns paths."""
+    """Write ``curves.png`` (one panel per recorded metric: accuracy or box AP, losses, LR, K, momenta;
+    one colour per configuration, its seeds as a band) and, when recorded, ``gsnr.png``; returns paths."""
     runs = find_runs(paths)
-    out_dir = Path(out) if out is not None else runs[0]
+    out_dir = Path(out) if out is not None else default_out(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = {r: read_jsonl(r / METRICS_JSONL) for r in runs}
+    groups: Dict[str, List[Path]] = {}
+    for run_dir in runs:
+        groups.setdefault(configuration(run_dir), []).append(run_dir)
+    colour, chosen = colours(runs), panels(data)
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    detection = any("AP" in r for records in data.values() for r in records)
-    if detection:  # detection runs log box AP and each detector / distillation loss term
-        _curves(axes[0, 0], runs, data, ["AP", "AP50"], "box AP (%)")
-        terms = sorted({k for records in data.values() for r in records for k in r if k.startswith("train_loss")})
-        _curves(axes[0, 1], runs, data, terms, "training losses")
-    else:
-        _curves(axes[0, 0], runs, data, ["test_top1"], "test top-1 (%)")
-        _curves(axes[0, 1], runs, data, ["train_loss", "test_loss"], "loss")
-    _curves(axes[1, 0], runs, data, ["lr"], "learning rate", log=True)
-    _curves(axes[1, 1], runs, data, ["topk"], "dynamic top-k mask: K")
+    columns = min(3, max(1, len(chosen)))
+    rows = max(1, math.ceil(len(chosen) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False)
+    for ax, (key, title, log) in zip(axes.flat, chosen):
+        for name, members in groups.items():
+            _band(ax, members, data, key, "epoch", colour[name], name)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_yscale("log" if log else "linear")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(chosen):]:
+        ax.set_visible(False)
     fig.tight_layout()
     written = [out_dir / "curves.png"]
     fig.savefig(written[0], dpi=110)
     plt.close(fig)
     gsnr = {r: read_jsonl(r / GSNR_JSONL) for r in runs if (r / GSNR_JSONL).is_file()}
     if gsnr:
-        written.append(_plot_gsnr(plt, gsnr, runs, out_dir / "gsnr.png"))
+        written.append(_plot_gsnr(plt, gsnr, groups, colour, out_dir / "gsnr.png"))
     return written
 
 
-def _plot_gsnr(plt, gsnr: Dict[Path, list], runs: List[Path], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run_dir, records in gsnr.items():
-        keys = sorted({k for r in records for k in r if k.startswith("gsnr/")})
-        for key in keys:
-            ax.plot([r["step"] for r in records], [r.get(key, float("nan")) for r in records],
-                    label=f"{_label(run_dir, runs)} {key[5:]}")
-    ax.set_title("gradient signal-to-noise ratio per stream")
-    ax.set_xlabel("step")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
+def _plot_gsnr(plt, gsnr: Dict[Path, list], groups: Dict[str, List[Path]], colour: Dict[str, str],
+               path: Path) -> Path:
+    """GSNR per stream: one panel per stream, the configurations' colours, seeds as bands."""
+    streams = sorted({k for records in gsnr.values() for r in records for k in r if k.startswith("gsnr/")})
+    fig, axes = plt.subplots(1, len(streams), figsize=(5 * len(streams), 4), squeeze=False)
+    for ax, key in zip(axes.flat, streams):
+        for name, members in groups.items():
+            measured = [r for r in members if r in gsnr]
+            if measured:
+                _band(ax, measured, gsnr, key, "step", colour[name], name)
+        ax.set_title(f"GSNR, {key[5:]} stream")
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
