@@ -3,7 +3,8 @@
     python benchmarks/topk_diagnosis.py ON OFF --lr 0.1 0.025 --epochs 6 [--set key=value ...] [--out FILE]
 
 For each learning rate, trains two recipes from the same seed, ON (top-k mask on, its ramp) and OFF
-(the same configuration without the mask, e.g. the study's ``deepkd_dkd_topk`` and ``deepkd_dkd_ref``), for ``--epochs`` epochs with deepkd's own
+(the same configuration without the mask, e.g. the study's ``deepkd_dkd_topk`` and
+``deepkd_dkd_ref``), for ``--epochs`` epochs with deepkd's own
 pieces (config, data, models, method, optimizer with one buffer per stream, schedule) and logs every
 ``--every`` steps: K, each stream's loss, gradient norm and momentum-buffer norm, the norm of the step
 ``lr * sum of buffers``, and the test top-1 after each epoch. Writes one JSON (and a figure next to
@@ -46,7 +47,7 @@ def _record(step, epoch, k, terms, grads, optimizer, lr) -> Dict:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     row = {"step": step, "epoch": epoch, "k": k, "lr": lr}
     buffers = {}
-    for key, streams in optimizer.merged_streams().items():
+    for key in optimizer.merged_streams():
         buffers[key] = [optimizer.state[p].get(f"momentum_buffer:{key}") for p in params]
     for stream in STREAMS:
         row[f"loss/{stream}"] = float(sum(t.value.detach() for t in terms.values() if t.stream == stream))
@@ -96,7 +97,8 @@ def figure(runs: List[Dict], path: Path) -> None:
                              squeeze=False)
     for row, lr in enumerate(sorted({r["lr"] for r in runs}, reverse=True)):
         for run in [r for r in runs if r["lr"] == lr]:
-            style = dict(color="tab:red" if run["topk"] else "tab:blue", label=f"top-k {'on' if run['topk'] else 'off'}")
+            on = "on" if run["topk"] else "off"
+            style = dict(color="tab:red" if run["topk"] else "tab:blue", label=f"top-k {on}")
             steps = [x["step"] for x in run["rows"]]
             for col, key in enumerate(keys):
                 axes[row, col].plot(steps, [x[key] or 0 for x in run["rows"]], lw=1, **style)

@@ -51,7 +51,7 @@ def test_one_colour_per_configuration_in_every_panel_seeds_as_a_band(sweep, monk
     monkeypatch.setattr(plots, "_band", record)
     plots.plot_runs(runs)
     by_configuration = {}
-    for key, label, colour, members in drawn:
+    for _, label, colour, members in drawn:
         by_configuration.setdefault(label, set()).add(colour)
         assert members == 2  # both seeds in one band
     assert by_configuration == {"dkd": {"C0"}, "kd": {"C1"}}
