@@ -8,7 +8,8 @@ from deepkd.train.config import config_to_dict, load_config
 
 STUDY = Path(__file__).resolve().parents[1] / "benchmarks" / "study"
 PROBLEMS = sorted(p.name for p in STUDY.iterdir() if p.is_dir() and any(p.glob("*.yaml")))
-SHARED = ("seed", "output_dir", "data", "student", "schedule", "train")
+SHARED = ("seed", "output_dir", "data", "student", "schedule")
+CACHE = ("teacher_cache", "teacher_cache_dtype")  # the teacher's logits, cached once: distillers only
 
 
 def configs(problem):
@@ -27,6 +28,10 @@ def test_configurations_share_everything_they_do_not_name(problem):
         assert cfg["experiment"] == name
         for key in SHARED:
             assert cfg[key] == base[key], (name, key)
+        train = {k: v for k, v in cfg["train"].items() if k not in CACHE}
+        assert train == {k: v for k, v in base["train"].items() if k not in CACHE}, name
+        if name != "ce":
+            assert [cfg["train"][k] for k in CACHE] == [True, "fp32"], name
         assert cfg["optimizer"]["lr"] == base["optimizer"]["lr"]  # the grid sets it
         if name != "ce":
             assert cfg["teacher"] == found["kd"]["teacher"], name
