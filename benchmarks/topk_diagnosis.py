@@ -114,7 +114,7 @@ def figure(runs: List[Dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("on", help="the recipe with the top-k mask")
-    parser.add_argument("off", help="the same recipe without it")
+    parser.add_argument("off", help="the same recipe without it ('none': the ON runs alone)")
     parser.add_argument("--lr", type=float, nargs="+", required=True)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--every", type=int, default=10)
@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/topk_diagnosis.json")
     args = parser.parse_args()
     runs = [diagnose(recipe, lr, args.epochs, args.every, args.overrides)
-            for lr in args.lr for recipe in (args.on, args.off)]
+            for lr in args.lr for recipe in (args.on, args.off) if recipe != "none"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(runs))

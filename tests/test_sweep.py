@@ -222,3 +222,18 @@ def test_figure_png(tmp_path):
     figure = tmp_path / "sweep.png"
     assert main(["summary", str(runs), "--figure", str(figure)]) == 0
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000
+
+
+def test_export_reads_back_as_the_same_tables(tmp_path, capsys):
+    """`deepkd summary --export FILE`: the per-run records a report commits; summary of FILE gives its tables."""
+    runs = write_fake_runs(tmp_path / "runs")
+    exported = tmp_path / "results.json"
+    assert main(["summary", str(runs), "--compare", "fast", "slow", "--json", "--export", str(exported)]) == 0
+    from_folders = capsys.readouterr().out
+    assert main(["summary", str(exported), "--compare", "fast", "slow", "--json"]) == 0
+    assert capsys.readouterr().out == from_folders
+    assert len(json.loads(exported.read_text())["runs"]) == 5
+    foreign = tmp_path / "other.json"
+    foreign.write_text('{"rows": []}')
+    assert main(["summary", str(foreign)]) == 2
+    assert "not a results file of `deepkd summary --export`" in capsys.readouterr().err

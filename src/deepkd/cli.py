@@ -39,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="output folder (default: the run's folder; for several runs their common parent)")
     _sweep_parser(sub)
     summary = sub.add_parser("summary", help="best and last top-1 per experiment, mean +- std and 95%% CI over seeds")
-    summary.add_argument("runs", nargs="+", help="run folders or folders containing runs")
+    summary.add_argument("runs", nargs="+", help="run folders, folders containing runs, or --export JSON files")
+    summary.add_argument("--export", metavar="PATH", help="also write every run's record (metrics, curve) as JSON, "
+                         "which deepkd summary reads back in place of the run folders")
     summary.add_argument("--json", action="store_true")
     summary.add_argument("--compare", nargs=2, metavar=("A", "B"),
                          help="difference of means A - B of two experiments, with a 95%% Welch confidence interval")
@@ -155,9 +157,11 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_summary(args) -> int:
-    from deepkd.commands.summary import collect, compare, format_comparison, format_summary, summary_rows
+    from deepkd.commands.summary import collect, compare, export_runs, format_comparison, format_summary, summary_rows
 
     groups = collect(args.runs)
+    if args.export:
+        export_runs(groups, args.export)
     rows = summary_rows(groups, reach=args.reach)
     comparison = compare(groups, *args.compare, reach=args.reach) if args.compare else None
     if args.figure:

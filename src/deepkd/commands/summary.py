@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from deepkd.errors import ConfigError, MissingFileError
+from deepkd.errors import ConfigError, DataError, MissingFileError
 from deepkd.registry import closest
 from deepkd.train.logs import METRICS_JSONL, read_jsonl
 
@@ -138,11 +138,36 @@ def _reach(runs: List[Dict], target: float) -> Dict:
 
 
 # -- rows ---------------------------------------------------------------------------------------------
+RESULTS_FORMAT = "deepkd-runs/1"  # ``deepkd summary --export``: the per-run records, to commit beside a report
+
+
+def export_runs(groups: Dict[str, List[Dict]], path: str | Path) -> Path:
+    """Write every run's record (experiment, best and last metric, curve) as one JSON file that
+    :func:`collect` reads back in place of the run folders."""
+    runs = [record for records in groups.values() for record in records]
+    Path(path).write_text(json.dumps({"format": RESULTS_FORMAT, "runs": runs}, indent=1) + "\n")
+    return Path(path)
+
+
+def _read_results(path: Path) -> List[Dict]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} is not a readable JSON results file ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != RESULTS_FORMAT:
+        raise DataError(f"{path} is not a results file of `deepkd summary --export` (format {RESULTS_FORMAT!r})")
+    return data["runs"]
+
+
 def collect(paths: Sequence[str | Path]) -> Dict[str, List[Dict]]:
-    """The runs at or below ``paths``, grouped by experiment (one configuration of a sweep)."""
+    """The runs at or below ``paths`` (run folders, folders holding runs, or ``--export`` JSON files),
+    grouped by experiment (one configuration of a sweep)."""
+    files = [Path(p) for p in paths if Path(p).is_file() and Path(p).suffix == ".json"]
+    folders = [p for p in paths if Path(p) not in files]
+    records = [r for f in files for r in _read_results(f)] + [_run_record(d) for d in
+                                                               (find_runs(folders) if folders else [])]
     groups: Dict[str, List[Dict]] = {}
-    for run_dir in find_runs(paths):
-        record = _run_record(run_dir)
+    for record in records:
         groups.setdefault(record["experiment"], []).append(record)
     return groups
 
