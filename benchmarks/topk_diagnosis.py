@@ -7,7 +7,9 @@ For each learning rate, trains two recipes from the same seed, ON (top-k mask on
 ``deepkd_dkd_ref``), for ``--epochs`` epochs with deepkd's own
 pieces (config, data, models, method, optimizer with one buffer per stream, schedule) and logs every
 ``--every`` steps: K, each stream's loss, gradient norm and momentum-buffer norm, the norm of the step
-``lr * sum of buffers``, and the test top-1 after each epoch. Writes one JSON (and a figure next to
+``lr * sum of buffers``, and the test top-1 after each epoch; at the start and after each epoch, the GSNR
+(:func:`deepkd.optim.gsnr`, 128 samples of a fixed batch) of the non-target stream at the current weights
+with the mask at its start (K = 5% of the classes) and without it. Writes one JSON (and a figure next to
 it). A diagnostic, not a trainer: no checkpoints, no resume.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Dict, List
 
 import torch
 
-from deepkd.optim import stream_grads
+from deepkd.optim import gsnr, stream_grads
 from deepkd.train import build
 from deepkd.train.config import load_config
 from deepkd.train.loop import evaluate
@@ -58,6 +60,29 @@ def _record(step, epoch, k, terms, grads, optimizer, lr) -> Dict:
     return row
 
 
+def nckd_gsnr(student, teacher, images, targets, method_cfg) -> Dict[str, float]:
+    """GSNR of the non-target stream (``beta`` NCKD at the method's temperature) with the mask at its
+    start (the K = 5% teacher-ranked non-target classes, computed outside the per-sample vmap) and
+    without a mask."""
+    from deepkd.losses import functional as F
+
+    arguments = method_cfg.arguments()
+    temperature, beta = arguments.get("temperature", 4.0), arguments.get("beta", 8.0)
+    with torch.no_grad():
+        teacher_logits = teacher(images)
+    k = max(1, round(0.05 * teacher_logits.shape[-1]))
+    masks = {"masked": F.topk_keep_mask(teacher_logits, targets, k),
+             "full": torch.ones_like(teacher_logits, dtype=torch.bool)}
+    out = {}
+    for name, keep in masks.items():
+        def per_sample(logits, target, t, kept):
+            terms = F.decoupled(logits, t, target, temperature=temperature, keep=kept, validate=False)
+            return {"non_target": beta * terms.nckd}
+
+        out[name] = gsnr(student, per_sample, images, targets, extra=(teacher_logits, keep))["non_target"]["overall"]
+    return out
+
+
 def diagnose(recipe: str, lr: float, epochs: int, every: int, overrides: List[str]) -> Dict:
     """One short run; returns its per-step rows and per-epoch test top-1."""
     sets = [*overrides, f"optimizer.lr={lr}", "optimizer.merge_equal=false"]
@@ -66,6 +91,10 @@ def diagnose(recipe: str, lr: float, epochs: int, every: int, overrides: List[st
     lr_at = build.build_schedule(cfg.schedule, cfg.optimizer.lr)
     params, rows, tests, step = [p for g in optimizer.param_groups for p in g["params"]], [], [], 0
     batches = len(data.train)
+    probe = next(iter(data.train.iter_epoch(0)))
+    probe = (torch.cat([probe[0], next(data.train.iter_epoch(0, start_batch=1))[0]])[:128],
+             torch.cat([probe[1], next(data.train.iter_epoch(0, start_batch=1))[1]])[:128])
+    tests.append({"epoch": 0, "gsnr": nckd_gsnr(student, teacher, *probe, cfg.method)})
     for epoch in range(1, epochs + 1):
         for index, (images, targets) in enumerate(data.train.iter_epoch(epoch)):
             current = lr_at(epoch, index / batches)
@@ -80,9 +109,10 @@ def diagnose(recipe: str, lr: float, epochs: int, every: int, overrides: List[st
             if step % every == 0:
                 rows.append(_record(step, epoch, method.dtm.k(epoch), terms, grads, optimizer, current))
             step += 1
-        tests.append({"epoch": epoch, "top1": evaluate(student, data.test, torch.device("cpu"))["top1"]})
-        print(f"lr {lr} topk {topk} epoch {epoch}: K {method.dtm.k(epoch)} test top-1 {tests[-1]['top1']:.2f}",
-              flush=True)
+        tests.append({"epoch": epoch, "top1": evaluate(student, data.test, torch.device("cpu"))["top1"],
+                      "gsnr": nckd_gsnr(student, teacher, *probe, cfg.method)})
+        print(f"lr {lr} topk {topk} epoch {epoch}: K {method.dtm.k(epoch)} test top-1 {tests[-1]['top1']:.2f} "
+              f"non-target GSNR {tests[-1]['gsnr']}", flush=True)
     return {"lr": lr, "topk": topk, "rows": rows, "test": tests}
 
 
@@ -104,7 +134,8 @@ def figure(runs: List[Dict], path: Path) -> None:
                 axes[row, col].plot(steps, [x[key] or 0 for x in run["rows"]], lw=1, **style)
                 axes[row, col].set_title(f"lr {lr}: {key}", fontsize=9)
                 axes[row, col].set_yscale("log" if key != "k" else "linear")
-            axes[row, -1].plot([t["epoch"] for t in run["test"]], [t["top1"] for t in run["test"]], "o-", **style)
+            tested = [t for t in run["test"] if "top1" in t]
+            axes[row, -1].plot([t["epoch"] for t in tested], [t["top1"] for t in tested], "o-", **style)
             axes[row, -1].set_title(f"lr {lr}: test top-1 per epoch", fontsize=9)
         axes[row, -1].legend(fontsize=8)
     fig.tight_layout()
