@@ -151,7 +151,7 @@ def test_recipe_names_resolve_from_any_folder(tmp_path, monkeypatch):
     ({"data": {"dataset": "cifar100", "synthetic": {"num_train": 8}}},
      "dataset 'cifar100' does not use data.synthetic"),
     ({"data": {"dataset": "synthetic", "root": "x", "num_workers": 4}},
-     r"data.root \(only cifar100, cifar10, tinyimagenet, imagenet, imagefolder\), data.num_workers"),
+     r"data.root \(only cifar100, cifar10, tinyimagenet, fashion_mnist, imagenet, imagefolder\), data.num_workers"),
     ({"teacher": {"name": "cnn_w8"}}, "teacher section is not used by method 'ce'"),
     ({"method": {"name": "deepkd_dkd"}, "teacher": {"name": "cnn_w8"}}, "optimizer.allow_base_method: true"),
     ({"method": {"name": "deepkd", "base": "kd"}, "teacher": {"name": "cnn_w8"}}, "trains its base method"),

@@ -178,3 +178,42 @@ def _recipe(tmp_path):
         "student": {"name": "resnet8"}, "teacher": {"name": "resnet8"}, "method": {"name": "kd"},
         "schedule": {"epochs": 1}}))
     return path
+
+
+@pytest.mark.parametrize("in_memory", ["on", "off"])
+def test_pad_crop_evaluates_the_geometry_it_trains_on(tmp_path, in_memory):
+    """pad_crop trains on the image resized to image_size and centre-cropped: evaluation sees exactly
+    that (not a resize to image_size / 0.875 and a cut border)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (28, 40, 3), dtype=np.uint8)  # 40 wide, 28 high
+    for split in ("train", "val"):
+        (tmp_path / split / "class_0").mkdir(parents=True)
+        Image.fromarray(pixels).save(tmp_path / split / "class_0" / "0.png")
+    data = build_data("imagefolder", root=str(tmp_path), batch_size=1, num_workers=0,
+                      folder=FolderOptions(image_size=32, crop="pad_crop", in_memory=in_memory,
+                                           mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))
+    evaluated = next(data.test.iter_epoch(0))[0][0].cpu()
+    training = folders.build_transform(train=True, image_size=32, resize=37, crop="pad_crop", pad=0, flip=False,
+                                       mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    expected = training(folders.decode(str(tmp_path / "val" / "class_0" / "0.png")))
+    assert evaluated.shape == expected.shape == (3, 32, 32)
+    torch.testing.assert_close(evaluated, expected, rtol=0, atol=1e-6)  # uint8 / 255 vs ToDtype(scale)
+    if in_memory == "on":  # the stored training image is that same picture, augmented on the device
+        torch.testing.assert_close(data.train.images[0].float().cpu() / 255, expected, rtol=0, atol=1e-6)
+
+
+def test_resize_with_pad_crop_is_refused_and_never_taken_from_timm():
+    from deepkd.train import build
+
+    with pytest.raises(ConfigError, match="data.resize 37 only applies to crop: random_resized") as info:
+        validate_config({"data": {"dataset": "imagefolder", "crop": "pad_crop", "image_size": 32, "resize": 37},
+                         "student": {"name": "resnet8"}})
+    assert one_sentence(str(info.value))
+    with pytest.raises(ConfigError, match="data.resize 37 only applies"):
+        FolderOptions(image_size=32, crop="pad_crop", resize=37)
+    assert FolderOptions(image_size=32, crop="pad_crop", resize=32).resize == 32  # the same size is harmless
+    timm = {"dataset": "imagefolder", "root": "x", "crop": "pad_crop"}
+    options = build.folder_options(validate_config({"data": timm, "student": {"name": "timm/deit_tiny_patch16_224"}}))
+    assert (options.image_size, options.resize, options.crop) == (224, None, "pad_crop")  # no crop_pct resize

@@ -1,4 +1,4 @@
-"""Data: CIFAR-10/100, Tiny-ImageNet, image folders (ImageNet, a user's own), the synthetic set."""
+"""Data: CIFAR-10/100, Tiny-ImageNet, Fashion-MNIST, image folders (ImageNet, a user's own), the synthetic set."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,9 +7,9 @@ from typing import Any, List, Optional, Sequence, Union
 
 from deepkd.data import cifar, synthetic
 from deepkd.data.device_loader import DeviceLoader
-from deepkd.errors import DataError, MissingFileError
+from deepkd.errors import ConfigError, DataError, MissingFileError
 
-__all__ = ["DataBundle", "DeviceLoader", "FolderOptions", "build_data"]
+__all__ = ["DataBundle", "DeviceLoader", "FolderOptions", "build_data", "check_resize"]
 
 
 @dataclass
@@ -36,7 +36,9 @@ class FolderOptions:
     """How an image-folder dataset is read and augmented (``data.*`` keys of a recipe).
 
     ``mean="auto"``: measure the training split's channel mean and std once (cached).
-    ``resize``: shorter side before the evaluation centre crop (default ``image_size / 0.875``).
+    ``resize``: shorter side before the evaluation centre crop of ``random_resized`` crops (default
+    ``image_size / 0.875``); ``pad_crop`` evaluates what it trains on, the image resized to
+    ``image_size`` and centre-cropped, so a different ``resize`` is an error.
     ``in_memory``: ``"auto"`` decodes the set once into the device-resident loaders when its uint8
     pixels fit 4 GiB (training images as ``resize`` squares for ``random_resized`` crops, as
     ``image_size`` squares for ``pad_crop``); larger sets stream through DataLoader workers.
@@ -52,6 +54,17 @@ class FolderOptions:
     mean: Union[str, Sequence[float]] = (0.485, 0.456, 0.406)
     std: Optional[Sequence[float]] = (0.229, 0.224, 0.225)
     in_memory: str = "auto"
+
+    def __post_init__(self):
+        check_resize(self.crop, self.resize, self.image_size)
+
+
+def check_resize(crop: Optional[str], resize: Optional[int], image_size: Optional[int]) -> None:
+    """``resize`` is the evaluation resize of ``random_resized`` crops only: with ``pad_crop`` it must be
+    unset (or ``image_size``), since evaluation resizes to ``image_size`` as training does."""
+    if crop == "pad_crop" and resize is not None and resize != image_size:
+        raise ConfigError(f"data.resize {resize} only applies to crop: random_resized (with pad_crop, evaluation "
+                          "resizes to image_size as training does): remove data.resize")
 
 
 def _device_bundle(train, test, num_classes, mean, std, *, batch_size, eval_batch_size, device, seed,
@@ -73,12 +86,16 @@ def build_data(dataset: str, *, root: Optional[str] = None, batch_size: int = 64
                device="cpu", seed: int = 0, download: bool = True, num_workers: int = 2, rank: int = 0,
                world_size: int = 1, drop_last: bool = False, flip: bool = True, strong: bool = False,
                folder: Optional[FolderOptions] = None, synthetic_train: int = 10000, synthetic_test: int = 2000,
-               synthetic_seed: int = 0, synthetic_noise: float = 1.5) -> DataBundle:
-    """Loaders for ``cifar100``, ``cifar10``, ``tinyimagenet``, ``synthetic``, or ``imagenet`` /
-    ``imagefolder`` (``root/<train_folder>``, ``root/<val_folder>``, read as ``folder`` says).
+               synthetic_seed: int = 0, synthetic_noise: float = 1.5, image_size: int = 32, channels: int = 3,
+               train_per_class: Optional[int] = None, subset_seed: int = 0) -> DataBundle:
+    """Loaders for ``cifar100``, ``cifar10``, ``tinyimagenet``, ``fashion_mnist``, ``synthetic``, or
+    ``imagenet`` / ``imagefolder`` (``root/<train_folder>``, ``root/<val_folder>``, read as ``folder`` says).
 
     ``strong``: each training batch is ``[2, b, 3, H, W]``, a weak view (the usual augmentation) and
     a strong view (its own crop and flip, then the FixMatch RandAugment + Cutout of MLKD and CRLD).
+    ``image_size``, ``channels``, ``train_per_class``, ``subset_seed``: Fashion-MNIST's 28x28 grey images
+    zero-padded to ``image_size``, on ``channels`` channels, a class-balanced training subset
+    (:mod:`deepkd.data.fashion_mnist`); image folders read their size from ``folder``.
     """
     options = dict(batch_size=batch_size, eval_batch_size=eval_batch_size or batch_size, device=device, seed=seed,
                    drop_last=drop_last, rank=rank, world_size=world_size, flip=flip, strong=strong)
@@ -98,10 +115,26 @@ def build_data(dataset: str, *, root: Optional[str] = None, batch_size: int = 64
         train, test, num_classes, mean, std = tinyimagenet.load(root, download=download)
         return _device_bundle(train, test, num_classes, mean, std, pad=tinyimagenet.AUGMENT["pad"],
                               rotation=tinyimagenet.AUGMENT["rotation"], **options)
+    if dataset == "fashion_mnist":
+        return _build_fashion_mnist(root, download=download, image_size=image_size, channels=channels,
+                                    train_per_class=train_per_class, subset_seed=subset_seed, **options)
     if dataset in ("imagenet", "imagefolder"):
         return _build_folder(root, folder or FolderOptions(), num_workers=num_workers, **options)
-    raise DataError(f"unknown dataset {dataset!r}: choose cifar100, cifar10, tinyimagenet, synthetic, imagenet "
-                     "or imagefolder")
+    raise DataError(f"unknown dataset {dataset!r}: choose cifar100, cifar10, tinyimagenet, fashion_mnist, synthetic, "
+                     "imagenet or imagefolder")
+
+
+def _build_fashion_mnist(root, *, download: bool, image_size: int, channels: int, train_per_class: Optional[int],
+                         subset_seed: int, **options) -> DataBundle:
+    from deepkd.data import fashion_mnist
+
+    if options["strong"] and channels != 3:
+        raise ConfigError(f"data.channels {channels}: the strong view's RandAugment works on RGB images, so "
+                          "two-view methods need data.channels: 3")
+    train, test, num_classes, mean, std = fashion_mnist.load(
+        root, download=download, image_size=image_size, channels=channels, train_per_class=train_per_class,
+        subset_seed=subset_seed)
+    return _device_bundle(train, test, num_classes, mean, std, classes=fashion_mnist.CLASSES, **options)
 
 
 def _stored_size(opts: FolderOptions, resize: int) -> int:
@@ -156,8 +189,8 @@ def _folder_in_memory(train_samples, val_samples, classes, opts: FolderOptions, 
     stored = _stored_size(opts, resize)
     fit = folders.build_transform(train=False, image_size=stored, resize=stored, normalize=False,
                                   interpolation=opts.interpolation)
-    evaluation = folders.build_transform(train=False, image_size=opts.image_size, resize=resize, normalize=False,
-                                         interpolation=opts.interpolation)
+    evaluation = folders.build_transform(train=False, image_size=opts.image_size, resize=resize, crop=opts.crop,
+                                         normalize=False, interpolation=opts.interpolation)
     train = folders.decode_all(train_samples, fit, num_workers=num_workers)
     test = folders.decode_all(val_samples, evaluation, num_workers=num_workers)
     mean, std = folders.channel_stats(train[0]) if opts.mean == "auto" else (opts.mean, opts.std)

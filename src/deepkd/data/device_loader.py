@@ -38,10 +38,11 @@ def _generator(*parts: int) -> torch.Generator:
 
 
 class DeviceLoader:
-    """Batches ``(float32 images [b, 3, H, W], int64 labels [b])`` on ``device``.
+    """Batches ``(float32 images [b, C, H, W], int64 labels [b])`` on ``device``.
 
     Args:
-        images: ``uint8 [N, 3, H, W]`` (or ``[N, H, W, 3]``, converted once); labels ``int64 [N]``.
+        images: ``uint8 [N, C, H, W]`` (or ``[N, H, W, 3]``, converted once; ``C`` is 3, or 1 for grey
+            images without the strong view); labels ``int64 [N]``.
         batch_size: the GLOBAL batch size. With ``world_size > 1`` every rank builds the same
             global batch and keeps its slice ``torch.tensor_split(batch, world_size)[rank]`` (equal
             when divisible; otherwise the first ranks get one more sample), so N ranks see
@@ -59,7 +60,7 @@ class DeviceLoader:
                  pad: int = 4, flip: bool = True, rank: int = 0, world_size: int = 1, rotation: float = 0.0,
                  strong: bool = False):
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
         if images.shape[1] != 3 and images.shape[-1] == 3:
             images = images.permute(0, 3, 1, 2)
         if len(images) != len(labels):
@@ -70,8 +71,11 @@ class DeviceLoader:
         self.batch_size, self.train, self.seed, self.drop_last = batch_size, train, seed, drop_last
         self.pad, self.flip, self.rank, self.world_size = pad, flip, rank, world_size
         self.rotation, self.strong = float(rotation), strong
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
+        channels = self.images.shape[1]
+        if len(mean) != channels or len(std) != channels:
+            raise ValueError(f"{channels}-channel images need {channels} means and stds, not {len(mean)}, {len(std)}")
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, channels, 1, 1) * 255.0
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, channels, 1, 1) * 255.0
 
     @property
     def num_samples(self) -> int:
@@ -109,9 +113,9 @@ class DeviceLoader:
         return angles if angles is not None else torch.zeros(count)
 
     def rotate(self, images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-        """Rotate uint8 ``[b, 3, H, W]`` images counter-clockwise about their centres by ``angles``
+        """Rotate uint8 ``[b, C, H, W]`` images counter-clockwise about their centres by ``angles``
         (degrees, ``[b]``), nearest neighbour, zero fill, same size: ``RandomRotation``'s defaults."""
-        count, _, height, width = images.shape
+        count, channels, height, width = images.shape
         radians = torch.deg2rad(angles.to(self.device, torch.float32))
         cos, sin = torch.cos(radians), torch.sin(radians)
         zero = torch.zeros_like(cos)
@@ -119,7 +123,7 @@ class DeviceLoader:
         # axis): the inverse rotation, with the aspect ratio folded in so non-square images rotate rigidly
         theta = torch.stack([torch.stack([cos, -sin * height / width, zero], 1),
                              torch.stack([sin * width / height, cos, zero], 1)], 1)
-        grid = F.affine_grid(theta, [count, 3, height, width], align_corners=False)
+        grid = F.affine_grid(theta, [count, channels, height, width], align_corners=False)
         rotated = F.grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
         return rotated.to(torch.uint8)  # nearest sampling returns the uint8 values exactly
 
@@ -132,7 +136,7 @@ class DeviceLoader:
         columns = torch.where(flips[:, None], width - 1 - columns, columns) + dx[:, None]
         rows = torch.arange(height, device=self.device) + dy[:, None]
         batch = torch.arange(count, device=self.device)[:, None, None]
-        picked = padded[batch, :, rows[:, :, None], columns[:, None, :]]  # [b, H, W, 3]
+        picked = padded[batch, :, rows[:, :, None], columns[:, None, :]]  # [b, H, W, C]
         return picked.permute(0, 3, 1, 2)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@
 - training, ``crop="random_resized"``: RandomResizedCrop(image_size) + flip (the ImageNet recipe);
   ``crop="pad_crop"``: resize + centre crop to image_size, RandomCrop with ``pad`` zero padding + flip
   (the CIFAR recipe, for small images);
-- evaluation: shorter side resized to ``resize``, centre crop ``image_size``;
+- evaluation: shorter side resized to ``resize`` (``pad_crop``: to ``image_size``, the geometry
+  training sees), centre crop ``image_size``;
 - then float in [0, 1] and normalisation by ``mean``/``std``.
 
 What deepkd adds on top (torchvision's loaders do not have it): sample ``i`` of epoch ``e`` is
@@ -85,8 +86,9 @@ def build_transform(*, train: bool, image_size: int, resize: int, crop: str = "r
         return TwoViews(build_transform(**options), build_transform(**options, randaugment=True))
 
     mode = _interpolation(interpolation)
-    if not train:
-        steps = [v2.Resize(resize, interpolation=mode, antialias=True), v2.CenterCrop(image_size)]
+    if not train:  # pad_crop trains on the image resized to image_size: evaluate that, not a resize-crop
+        side = resize if crop == "random_resized" else image_size
+        steps = [v2.Resize(side, interpolation=mode, antialias=True), v2.CenterCrop(image_size)]
     elif crop == "random_resized":
         steps = [v2.RandomResizedCrop(image_size, interpolation=mode, antialias=True)]
     else:

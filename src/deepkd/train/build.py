@@ -17,6 +17,7 @@ from deepkd.models.ecosystem import data_config
 from deepkd.models.teachers import find_teacher, missing_teacher_message
 from deepkd.optim import DecoupledMomentumSGD, GSNRMomentum, cosine_lr, step_lr
 from deepkd.train.config import (
+    FASHION_MNIST_KEYS,
     FOLDER_KEYS,
     MethodConfig,
     ModelConfig,
@@ -47,7 +48,15 @@ def build_dataset(cfg: RunConfig, *, device: torch.device, rank: int, world_size
         world_size=world_size, drop_last=data.drop_last, flip=data.flip, strong=method_views(cfg.method.name) == 2,
         folder=folder_options(cfg),
         synthetic_train=synthetic.num_train, synthetic_test=synthetic.num_test, synthetic_seed=synthetic.seed,
-        synthetic_noise=synthetic.noise)
+        synthetic_noise=synthetic.noise, **fashion_mnist_options(cfg))
+
+
+def fashion_mnist_options(cfg: RunConfig) -> dict:
+    """Fashion-MNIST's keys (``image_size``, ``channels``, ``train_per_class``, ``subset_seed``); none
+    for another dataset, whose images they do not change."""
+    if cfg.data.dataset != "fashion_mnist":
+        return {}
+    return {key: getattr(cfg.data, key) for key in FASHION_MNIST_KEYS}
 
 
 def folder_options(cfg: RunConfig) -> FolderOptions:
@@ -57,7 +66,8 @@ def folder_options(cfg: RunConfig) -> FolderOptions:
     pretrained = next((c for c in (data_config(m.name, m.weights) for m in models) if c), {})
     keys = {k: getattr(cfg.data, k) for k in FOLDER_KEYS if getattr(cfg.data, k) is not None}
     chosen = {k: pretrained[k] for k in ("image_size", "interpolation", "mean", "std") if k in pretrained}
-    if "crop_pct" in pretrained and "resize" not in keys:
+    # the pretrained crop_pct sets the evaluation resize of random_resized crops; pad_crop evaluates at image_size
+    if "crop_pct" in pretrained and "resize" not in keys and keys.get("crop", FolderOptions.crop) == "random_resized":
         size = keys.get("image_size", pretrained["image_size"])
         chosen["resize"] = math.floor(size / pretrained["crop_pct"])
     if "mean" in keys:
@@ -156,10 +166,13 @@ def build_teacher_cache(cfg: RunConfig, teacher: nn.Module, loader, ctx):
 
     if not isinstance(loader, DeviceLoader) or loader.rotation:
         raise ConfigError("train.teacher_cache needs the device-resident loader with crop/flip views only (cifar10, "
-                         "cifar100, synthetic, or an in-memory image folder); set train.teacher_cache: false")
+                         "cifar100, fashion_mnist, synthetic, or an in-memory image folder); "
+                         "set train.teacher_cache: false")
     weights = Path(cfg.teacher.weights or find_teacher(cfg.teacher.name) or "")
     digest = hashlib.sha256(weights.read_bytes() if weights.is_file() else str(weights).encode())
     images = [cfg.data.dataset, cfg.data.root, cfg.data.synthetic.model_dump(mode="json"), loader.num_samples]
+    if fashion_mnist_options(cfg):  # padding, channels and subset change the images (other sets' keys are unchanged)
+        images.append(fashion_mnist_options(cfg))
     digest.update(json.dumps([cfg.teacher.name, images, cfg.train.teacher_cache_dtype]).encode())
     path = Path(cfg.output_dir) / ".teacher_cache" / f"{digest.hexdigest()[:20]}.pt"
     if ctx.is_main and not path.is_file():

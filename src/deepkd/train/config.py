@@ -21,7 +21,6 @@ from typing import Annotated, Any, Callable, Dict, List, Literal, Optional, Sequ
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
-from deepkd.data import build_data
 from deepkd.detection.coco import CocoDetection, DetectionLoader
 from deepkd.detection.download import prepare_coco
 from deepkd.detection.loop import warmup_multistep_lr
@@ -31,92 +30,21 @@ from deepkd.optim import DecoupledMomentumSGD, cosine_lr, step_lr
 from deepkd.provenance import provenance
 from deepkd.registry import closest
 from deepkd.train.auto_config import AutoMomentumChecks, AutoMomentumConfig
+from deepkd.train.data_config import (  # noqa: F401  (re-exported: deepkd.train.config's names before the split)
+    COMMON_DATA_KEYS,
+    DATASET_KEYS,
+    FASHION_MNIST_KEYS,
+    FOLDER_KEYS,
+    DataConfig,
+    SyntheticConfig,
+)
+from deepkd.train.schema import _choice, _default, _Strict
 
 __all__ = ["ConfigError", "RunConfig", "check_resume", "config_to_dict", "load_config", "save_config",
            "validate_config"]
 
 
-def _default(builder: Callable, name: str) -> Any:
-    """The default of ``builder``'s argument ``name``: the one place where it is stated."""
-    return inspect.signature(builder).parameters[name].default
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def _choice(default: str, *models: type) -> Any:
-    """A section whose ``name`` picks one of ``models`` (``default`` when the recipe names none)."""
-
-    def tag(value: Any) -> str:
-        return value.get("name", default) if isinstance(value, dict) else getattr(value, "name", default)
-
-    variants = tuple(Annotated[m, Tag(m.model_fields["name"].default)] for m in models)
-    return Annotated[Union[variants], Discriminator(tag)]
-
-
-# -- data ---------------------------------------------------------------------------------------------
-class SyntheticConfig(_Strict):
-    """The offline synthetic set (``data.dataset: synthetic``)."""
-
-    num_train: int = Field(_default(build_data, "synthetic_train"), gt=0)
-    num_test: int = Field(_default(build_data, "synthetic_test"), gt=0)
-    seed: int = _default(build_data, "synthetic_seed")
-    noise: float = _default(build_data, "synthetic_noise")
-
-
-FOLDER_KEYS = ("train_folder", "val_folder", "image_size", "resize", "crop", "interpolation", "mean", "std",
-               "in_memory")
-COMMON_DATA_KEYS = ("dataset", "batch_size", "eval_batch_size", "drop_last", "flip")
-DATASET_KEYS = {  # the data keys each dataset reads besides COMMON_DATA_KEYS
-    "cifar100": ("root", "download"), "cifar10": ("root", "download"), "tinyimagenet": ("root", "download"),
-    "imagenet": ("root", "num_workers", *FOLDER_KEYS), "imagefolder": ("root", "num_workers", *FOLDER_KEYS),
-    "synthetic": ("synthetic",),
-}
-
-
-class DataConfig(_Strict):
-    """The dataset and its loaders; a key the dataset does not read is an error. Image-folder keys
-    left unset (null) take the teacher's (else the student's) timm pretrained data config, then the
-    defaults of :class:`deepkd.data.FolderOptions`. ``eval_batch_size`` null: ``batch_size``."""
-
-    dataset: Literal[tuple(DATASET_KEYS)] = "cifar100"
-    root: Optional[str] = None
-    download: bool = _default(build_data, "download")
-    batch_size: int = Field(_default(build_data, "batch_size"), gt=0)
-    eval_batch_size: Optional[int] = Field(_default(build_data, "eval_batch_size"), gt=0)
-    num_workers: int = Field(_default(build_data, "num_workers"), ge=0)
-    drop_last: bool = _default(build_data, "drop_last")
-    flip: bool = _default(build_data, "flip")
-    synthetic: SyntheticConfig = SyntheticConfig()
-    train_folder: Optional[str] = None
-    val_folder: Optional[str] = None
-    image_size: Optional[int] = Field(None, gt=0)
-    resize: Optional[int] = Field(None, gt=0)
-    crop: Optional[Literal["random_resized", "pad_crop"]] = None
-    interpolation: Optional[Literal["bilinear", "bicubic", "nearest"]] = None
-    mean: Union[Literal["auto"], List[float], None] = None
-    std: Optional[List[float]] = None
-    in_memory: Optional[Literal["auto", "on", "off"]] = None
-
-    def used_keys(self) -> Tuple[str, ...]:
-        """The keys this dataset reads (the ones a resolved config writes out)."""
-        return COMMON_DATA_KEYS + DATASET_KEYS[self.dataset]
-
-    @model_validator(mode="after")
-    def _check_used(self) -> "DataConfig":
-        unused = [k for k in type(self).model_fields if k in self.model_fields_set and k not in self.used_keys()]
-        if unused:
-            users = {k: ", ".join(d for d, keys in DATASET_KEYS.items() if k in keys) for k in unused}
-            raise ValueError(f"dataset {self.dataset!r} does not use "
-                             + ", ".join(f"data.{k} (only {users[k]})" for k in unused))
-        if (self.mean == "auto") != (self.std is None) and self.mean is not None:
-            raise ValueError("mean: auto measures std too (leave std unset); a list of means needs a list of stds")
-        if self.std is not None and self.mean is None:
-            raise ValueError("std is set without mean")
-        return self
-
-
+# -- detection data -----------------------------------------------------------------------------------
 class DetectionSyntheticConfig(_Strict):
     """The offline synthetic COCO-format shapes (``data.dataset: synthetic_coco``,
     :func:`deepkd.detection.write_synthetic_coco`), written under ``data.root`` when missing."""
@@ -419,6 +347,10 @@ class RunConfig(_Strict):
         for role, model in (("student", self.student), ("teacher", self.teacher)):
             if model is not None and model.weights_backbone is not None:
                 raise ValueError(f"{role}.weights_backbone is only for detectors (data.dataset coco or synthetic_coco)")
+        if self.data.channels != 3:  # NOTE: no model builder takes an input channel count yet
+            raise ValueError(f"data.channels {self.data.channels} gives grey images, but {self.student.name!r} and "
+                             "every other model deepkd train builds takes 3 channels: set data.channels: 3 (grey "
+                             "replicated), or use deepkd.data.build_data with a grey model in your own loop")
         self._check_views()
 
     def _check_views(self) -> None:
