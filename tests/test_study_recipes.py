@@ -7,7 +7,7 @@ import pytest
 from deepkd.train.config import config_to_dict, load_config
 
 STUDY = Path(__file__).resolve().parents[1] / "benchmarks" / "study"
-PROBLEMS = sorted(p.name for p in STUDY.iterdir() if p.is_dir() and any(p.glob("*.yaml")))
+PROBLEMS = sorted(p.name for p in STUDY.iterdir() if p.is_dir() and p.name != "teachers" and any(p.glob("*.yaml")))
 SHARED = ("seed", "output_dir", "data", "student", "schedule")
 CACHE = ("teacher_cache", "teacher_cache_dtype")  # the teacher's logits, cached once: distillers only
 
