@@ -1,6 +1,6 @@
 """``deepkd demo``: distillation on the shipped synthetic set, offline, in minutes on a laptop CPU.
 
-Distils the study's teacher (STUDY.md) into the same small student alone, with DKD and with
+Distils the first study's teacher (docs/study/STUDY_v1.md) into the same small student alone, with DKD and with
 DeepKD+DKD: the study's setting, whose five seeds per row say which differences are real. The
 students run the study's seed 4, the one of its five seeds whose order of these rows is that of the
 five-seed means (no single seed shows differences smaller than the seeds' spread in a stable order),
@@ -29,8 +29,8 @@ from deepkd.errors import RunExistsError, TrainingError
 from deepkd.train.config import validate_config
 from deepkd.train.loop import train
 
-# The study's setting (STUDY.md; benchmarks/study/*.yaml): trained long enough that the student alone
-# has converged, so a row's gain is what its loss teaches, not how much it enlarges the gradient.
+# The first study's setting (docs/study/STUDY_v1.md; benchmarks/study/*.yaml): trained long enough that the student
+# alone has converged, so a row's gain is what its loss teaches, not how much it enlarges the gradient.
 DEMO = {
     "teacher_model": "cnn_w16", "student_model": "cnn_w4",
     "num_train": 8000, "num_test": 2000, "noise": 2.5, "batch_size": 64,
@@ -152,8 +152,8 @@ def _report(rows: Dict[str, float], seconds: float, out: Path) -> None:
         delta = "" if name in ("teacher", "student alone") else f"{top1 - alone:+.2f}"
         print(f"{name:<14} {top1:7.2f} {delta:>9}")
     figure = plot_comparison(rows, out / "comparison.png", "deepkd demo: synthetic CIFAR-shaped set")
-    print("\none seed per row (the study's seed 4); STUDY.md has five seeds per row with 95% intervals, and which "
-          "differences are real")
+    print("\none seed per row (the first study's seed 4): rows move between machines; docs/study/STUDY_v1.md has five "
+          "seeds per row with 95% intervals, and which differences are real (all rows at lr 0.2, tuned for SGD)")
     print(f"wall time {seconds:.0f}s; runs and figure in {out} ({figure.name})")
 
 
