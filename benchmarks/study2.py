@@ -41,6 +41,10 @@ def experiment(config: str, lr: float) -> str:
 
 
 def sweep(problem: str, configs: List[str], lrs, seeds: str, phase: str, jobs: int) -> None:
+    count = len(parse_seeds(seeds))
+    lrs = sorted({lr for c in configs for lr in missing(problem, phase, c, lrs, count)})
+    if not lrs:
+        return
     recipes = [str(HERE / problem / f"{c}.yaml") for c in configs]
     command = [sys.executable, "-m", "deepkd.cli", "sweep", *recipes, "--set",
                "optimizer.lr=" + ",".join(f"{lr:g}" for lr in lrs), "--seeds", seeds, "--jobs", str(jobs),
@@ -50,10 +54,33 @@ def sweep(problem: str, configs: List[str], lrs, seeds: str, phase: str, jobs: i
 
 
 def groups(problem: str, phase: str) -> Dict[str, List[Dict]]:
+    """The runs of a phase: this machine's run folders and the committed ``docs/study2/<problem>_<phase>.json``
+    (runs of earlier sessions, whose folders are gone), one record per experiment and seed."""
     from deepkd.commands.summary import collect
 
-    folder = Path("runs/study2") / problem / phase
-    return collect([folder]) if folder.is_dir() else {}
+    folder, committed = Path("runs/study2") / problem / phase, DOCS / f"{problem}_{phase}.json"
+    found = collect([p for p in (committed, folder) if p.exists()]) if committed.exists() or folder.is_dir() else {}
+    out = {}
+    for name, runs in found.items():
+        by_seed = {}
+        for run in runs:  # a finished record wins; among equals the later (this machine's folder)
+            seed = Path(run["run_dir"]).name
+            if run["finished"] or not by_seed.get(seed, {}).get("finished"):
+                by_seed[seed] = run
+        out[name] = list(by_seed.values())
+    return out
+
+
+def missing(problem: str, phase: str, config: str, lrs, seeds: int) -> List[float]:
+    """The lrs of ``lrs`` whose ``seeds`` runs of ``config`` have not all finished (here or committed)."""
+    done = grid(groups(problem, phase), config, seeds)
+    return [lr for lr in lrs if lr not in done]
+
+
+def parse_seeds(text: str) -> List[int]:
+    from deepkd.commands.sweep import parse_seeds as parse
+
+    return parse(text)
 
 
 def grid(found: Dict[str, List[Dict]], config: str, seeds: int = 3) -> Dict[float, List[Dict]]:
