@@ -2,7 +2,7 @@
 
     python benchmarks/study2.py select PROBLEM [--jobs 2]    # lr grid x seeds 0-2, extended until the best is inside
     python benchmarks/study2.py confirm PROBLEM [--jobs 2]   # each at its selected lr, seeds 3-7; controls (a), (c)
-    python benchmarks/study2.py report PROBLEM               # markdown tables, figure, per-run results JSON
+    python benchmarks/study2_report.py PROBLEM              # markdown tables, figure, per-run results JSON
 
 PROBLEM is a folder of recipes under ``benchmarks/study/`` (``synthetic``, ``fashion_mnist``); runs go to
 ``runs/study2/<problem>/{select,confirm}`` through ``deepkd sweep`` (re-running resumes). Run it from a
@@ -10,7 +10,7 @@ separate install of a fixed commit (a git worktree and its own venv) so code cha
 Selection: the lr with the best mean final-epoch top-1 over seeds 0-2 (every seed finished); a best at the
 grid's edge extends the grid (x2 or /2) and selects again. Confirmation: seeds 3-7 at the selected lr;
 control (a) DeepKD+DKD with all momenta 0.9 and control (c) DeepKD+DKD at the reference momenta, both at
-DKD's selected lr. ``report`` prints the tables of STUDY.md and writes ``docs/study2/<problem>_*.{json,png}``.
+DKD's selected lr. ``study2_report.py`` prints the tables of STUDY.md and writes ``docs/study2/<problem>_*``.
 """
 from __future__ import annotations
 
@@ -130,19 +130,15 @@ def confirm(problem: str, jobs: int, configs: List[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["select", "confirm", "report"])
+    parser.add_argument("step", choices=["select", "confirm"])
     parser.add_argument("problem")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--configs", nargs="*", default=CONFIGS)
     args = parser.parse_args()
     if args.step == "select":
         select(args.problem, args.jobs, args.configs)
-    elif args.step == "confirm":
-        confirm(args.problem, args.jobs, args.configs)
     else:
-        from study2_report import report
-
-        report(args.problem, args.configs)
+        confirm(args.problem, args.jobs, args.configs)
 
 
 if __name__ == "__main__":

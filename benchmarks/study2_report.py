@@ -1,4 +1,6 @@
-"""The tables and figure of STUDY.md from the runs of ``benchmarks/study2.py`` (``report`` step).
+"""The tables and figure of STUDY.md from the runs of ``benchmarks/study2.py``.
+
+    python benchmarks/study2_report.py PROBLEM [--configs ...]
 
 Prints markdown: the selection grid (mean +- std of the final-epoch top-1 over seeds 0-2 per lr, the
 selected lr in bold; the best-epoch top-1 beside it), the confirmation table (seeds 3-7 at the selected
@@ -8,11 +10,12 @@ and the controls; writes ``docs/study2/<problem>_{select,confirm}.json`` (``deep
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 from pathlib import Path
 from typing import Dict, List
 
-from study2 import COMPARISONS, CONTROLS, DOCS, experiment, grid, groups, selected
+from study2 import COMPARISONS, CONFIGS, CONTROLS, DOCS, experiment, grid, groups, selected
 
 from deepkd.commands.summary import export_runs, summary_rows, welch_interval
 
@@ -135,3 +138,11 @@ def report(problem: str, configs: List[str]) -> None:
         print(confirmation_table(confirm_found, select_found, configs))
         print("\n" + comparison_table(confirm_found, select_found))
         print("\n" + control_a(confirm_found, select_found))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("problem")
+    parser.add_argument("--configs", nargs="*", default=CONFIGS)
+    arguments = parser.parse_args()
+    report(arguments.problem, arguments.configs)
