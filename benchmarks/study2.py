@@ -26,12 +26,13 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "study2"
 GRID = (0.025, 0.05, 0.1, 0.2, 0.4)
 SELECT_SEEDS, CONFIRM_SEEDS = "0-2", "3-7"
 CONFIGS = ["ce", "kd", "dkd", "dtkd", "dot", "deepkd_kd_ref", "deepkd_dkd_ref", "deepkd_dkd_paper", "deepkd_dkd_topk",
-           "deepkd_dkd_auto", "dkd_stepmatched"]
+           "deepkd_dkd_topk_floor", "deepkd_dkd_auto", "dkd_stepmatched"]
 CONTROLS = {"a": "deepkd_dkd_m09", "c": "deepkd_dkd_ref"}  # run at DKD's selected lr
 COMPARISONS = [("kd", "ce"), ("dkd", "ce"), ("dtkd", "ce"), ("dot", "ce"), ("deepkd_kd_ref", "ce"),
                ("deepkd_dkd_ref", "ce"), ("dkd", "kd"), ("dtkd", "dkd"), ("dot", "kd"), ("deepkd_kd_ref", "kd"),
                ("deepkd_kd_ref", "dot"), ("deepkd_dkd_ref", "dkd"), ("deepkd_dkd_paper", "deepkd_dkd_ref"),
-               ("deepkd_dkd_topk", "deepkd_dkd_ref"), ("deepkd_dkd_auto", "deepkd_dkd_ref"),
+               ("deepkd_dkd_topk", "deepkd_dkd_ref"), ("deepkd_dkd_topk_floor", "deepkd_dkd_ref"),
+               ("deepkd_dkd_auto", "deepkd_dkd_ref"),
                ("deepkd_dkd_ref", "dkd_stepmatched"), ("dkd_stepmatched", "dkd")]
 
 
