@@ -17,7 +17,7 @@ def configs(problem):
 
 
 def test_both_problems_are_there():
-    assert {"synthetic"} <= set(PROBLEMS)
+    assert {"synthetic", "fashion_mnist"} <= set(PROBLEMS)
 
 
 @pytest.mark.parametrize("problem", PROBLEMS)
