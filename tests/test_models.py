@@ -203,3 +203,23 @@ def test_strictness_errors(tmp_path):
         load_weights(create_model("resnet8"), tmp_path / "nothing.pth")
     with pytest.raises(KeyError, match="resnet8x4"):
         create_model("resnet8X5")
+
+
+def test_a_name_prefix_resolves_through_its_registered_resolver(monkeypatch):
+    """timm/ and torchvision/ names come from resolvers the ecosystem registers; any prefix works alike."""
+    from deepkd.models import registry
+
+    assert {"timm/", "torchvision/"} <= set(registry._RESOLVERS)
+    monkeypatch.setattr(registry, "_RESOLVERS", dict(registry._RESOLVERS))
+    made = []
+    resolver = registry.ModelResolver(
+        create=lambda name, num_classes: made.append((name, num_classes)) or torch.nn.Linear(4, num_classes),
+        names=lambda pattern: ["mine/a", "mine/b"], info=lambda name: {"input_size": 8, "source": "mine"})
+    registry.register_resolver("mine/", resolver)
+    model = create_model("mine/a")
+    assert made == [("mine/a", 1000)] and model.deepkd_name == "mine/a" and model.out_features == 1000
+    assert create_model("mine/b", num_classes=7).out_features == 7
+    assert list_models("mine/*") == ["mine/a", "mine/b"] and "mine/a" not in list_models()
+    assert registry.model_info("mine/a") == {"input_size": 8, "source": "mine"}
+    with pytest.raises(ValueError, match="'mine/' is already registered"):
+        registry.register_resolver("mine/", resolver)

@@ -285,10 +285,11 @@ from deepkd.train.lock import acquire_run_lock
 lock = acquire_run_lock(sys.argv[1])
 worker = os.fork()
 if worker == 0:
-    print("ready", flush=True)  # after the fork hooks ran: this copy of the lock is closed
+    os.write(1, b"ready\\n")  # after the fork hooks ran: this copy of the lock is closed
     time.sleep(60)
     os._exit(0)
-print(worker, flush=True)
+# one write per line: print() under PYTHONUNBUFFERED=1 writes text and newline apart, so the lines could mix
+os.write(1, f"{worker}\\n".encode())
 os._exit(0)  # the trainer dies without releasing (like a SIGKILL); its forked worker lives on
 """
 

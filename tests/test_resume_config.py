@@ -1,5 +1,6 @@
 """--resume continues the run stored in last.pt: only how the run is watched may change, anything else
 stops with one sentence and touches nothing; runs record the code that ran them (provenance)."""
+import json
 import re
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from deepkd.cli import main
 from deepkd.provenance import provenance
 from deepkd.train.checkpoint import load_checkpoint
 from deepkd.train.config import WATCH_KEYS, ConfigError, check_resume, config_to_dict, load_config, validate_config
+from deepkd.train.runner import run_recipe
 
 TINY = {
     "experiment": "resume", "seed": 1,
@@ -99,6 +101,17 @@ def test_resume_with_watched_changes_finishes(stopped_run):
     assert main(["train", str(run_dir), "--resume", "train.stop_after_steps=0", "train.progress=lines"]) == 0
     assert load_checkpoint(run_dir / "last.pt")["step"] == 8
 
+
+
+def test_run_recipe_is_deepkd_train_without_the_command_line(stopped_run):
+    recipe, run_dir = stopped_run
+    with pytest.raises(ConfigError, match=f"{re.escape(repr(str(run_dir)))} is a run folder: add --resume"):
+        run_recipe(run_dir)
+    with pytest.raises(ConfigError, match="--resume would change the run .*optimizer.lr 0.05 -> 0.1"):
+        run_recipe(recipe, ["optimizer.lr=0.1"], resume=True)
+    summary = run_recipe(run_dir, ["train.stop_after_steps=0"], resume=True)
+    assert summary["status"] == "finished" and load_checkpoint(run_dir / "last.pt")["step"] == 8
+    assert summary == json.loads((run_dir / "summary.json").read_text())
 
 def test_config_yaml_records_the_code_and_stays_a_recipe(stopped_run):
     _, run_dir = stopped_run

@@ -6,12 +6,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 
 from deepkd.cli import main
 from deepkd.commands.summary import t_quantile, welch_interval
+from deepkd.commands.sweep import sweep_folder
 
 RECIPE = {
     "experiment": "unused", "seed": 0,
@@ -144,6 +146,32 @@ def test_dry_run_writes_nothing(tmp_path, capsys):
     assert len(lines) == 6 and not out.exists()
     assert lines[0].startswith("tiny__method.name=ce__schedule.milestones=_1_/seed0: deepkd train ")
     assert "schedule.milestones=[2,3]" in lines[3]
+
+
+
+def test_out_defaults_to_the_recipes_output_dir(tmp_path, capsys):
+    shared = tmp_path / "shared"
+    recipe = write_recipe(tmp_path / "a", output_dir=str(shared))
+    other = write_recipe(tmp_path / "b", output_dir=str(shared))
+    other = other.rename(other.with_name("other.yaml"))
+    assert main(["sweep", str(recipe), str(other), "--seeds", "0", "--dry-run"]) == 0
+    assert main(["sweep", str(recipe), "--seeds", "0"]) == 0
+    assert finished(shared / "sweep" / "tiny" / "seed0") and (shared / "sweep" / "sweep.json").is_file()
+    assert sweep_folder([str(write_recipe(tmp_path / "c"))]) == Path("runs") / "sweep"  # output_dir's default
+
+
+def test_recipes_with_different_output_dirs_need_out(tmp_path, capsys):
+    first = write_recipe(tmp_path / "a", output_dir=str(tmp_path / "runs_a"))
+    second = write_recipe(tmp_path / "b", output_dir=str(tmp_path / "runs_b"))
+    second = second.rename(second.with_name("other.yaml"))
+    capsys.readouterr()
+    assert main(["sweep", str(first), str(second), "--seeds", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("deepkd: error: the recipes disagree on output_dir")
+    assert all(str(p) in err[0] for p in (first, second, tmp_path / "runs_a", tmp_path / "runs_b"))
+    assert "--out" in err[0]
+    assert not (tmp_path / "runs_a").exists() and not (tmp_path / "runs_b").exists()
+    assert main(["sweep", str(first), str(second), "--seeds", "0", "--out", str(tmp_path / "s"), "--dry-run"]) == 0
 
 
 # -- statistics ---------------------------------------------------------------------------------------

@@ -1,8 +1,7 @@
-"""The ``deepkd`` command: train, sweep, eval, demo, list, plot, summary."""
+"""The ``deepkd`` command: train, sweep, eval, demo, list, plot, summary, export, predict, profile."""
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -56,7 +55,39 @@ def _parser() -> argparse.ArgumentParser:
     download.add_argument("what", choices=["teachers"], help="teachers: mdistiller's CIFAR-100 cifar_teachers.tar")
     download.add_argument("--root", default=None, help="cache folder (default: $DEEPKD_DATA or ~/.cache/deepkd)")
     download.add_argument("--file", default=None, help="a local cifar_teachers.tar, used instead of downloading")
+    _deploy_parsers(sub)
     return parser
+
+
+def _deploy_parsers(sub) -> None:
+    """``deepkd export``, ``predict`` and ``profile``; defaults live in :mod:`deepkd.deploy`'s signatures."""
+    export = sub.add_parser("export", argument_default=argparse.SUPPRESS,
+                            help="a run's student as ONNX, TorchScript or torch.export (pt2), checked against "
+                                 "PyTorch on the run's test images")
+    export.add_argument("run", help="a finished run folder (config.yaml, data.json, student.safetensors)")
+    export.add_argument("--format", required=True, choices=["onnx", "torchscript", "pt2"])
+    export.add_argument("-o", "--out", help="the file to write (default: student.onnx, student.torchscript.pt or "
+                                            "student.pt2 in the run folder)")
+    export.add_argument("--tolerance", type=float, help="refuse the export past this max |logit difference| "
+                                                        "(default 1e-4)")
+    export.add_argument("--images", type=int, help="test images of the parity check (default 64)")
+    predict = sub.add_parser("predict", help="class probabilities of image files (PNG, JPEG)",
+                             argument_default=argparse.SUPPRESS)
+    predict.add_argument("model", help="a run folder, or a file of deepkd export (.onnx, .pt2, TorchScript .pt)")
+    predict.add_argument("images", nargs="+")
+    predict.add_argument("--top", type=int, help="classes shown per image (default 5)")
+    predict.add_argument("--json", action="store_true", help="one JSON object per image and line")
+    profile = sub.add_parser("profile", help="parameters, MACs and CPU latency of a teacher and a student",
+                             argument_default=argparse.SUPPRESS)
+    profile.add_argument("teacher", help="a model name (deepkd list models), a recipe (its teacher) or a run folder")
+    profile.add_argument("student", help="a model name, a recipe (its student) or a run folder")
+    profile.add_argument("--batch-sizes", type=int, nargs="+", help="latency batch sizes (default 1 32)")
+    profile.add_argument("--repeats", type=int, help="timed runs per batch size, median reported (default 10)")
+    profile.add_argument("--warmup", type=int, help="untimed runs before them (default 3)")
+    profile.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    profile.add_argument("--num-classes", type=int, help="classes of a named model (default: its own)")
+    profile.add_argument("--input-size", type=int, help="input side of a named model (default: its own)")
+    profile.add_argument("--json", action="store_true")
 
 
 def _sweep_parser(sub) -> None:
@@ -68,7 +99,8 @@ def _sweep_parser(sub) -> None:
     sweep.add_argument("--seeds", help="seeds: 0-4, 0,2,5 or 0-2,7 (default: each recipe's seed)")
     sweep.add_argument("--set", dest="set_values", action="append", metavar="KEY=V1,V2",
                        help="a grid axis, e.g. --set optimizer.lr=0.1,0.2 (repeat for more axes)")
-    sweep.add_argument("--out", help="the sweep folder (default runs/sweep): <out>/<configuration>/seed<seed>")
+    sweep.add_argument("--out", help="the sweep folder, <out>/<configuration>/seed<seed> (default: <output_dir>/sweep, "
+                                     "the output_dir all the recipes share; recipes that differ in it need --out)")
     sweep.add_argument("--jobs", type=int, help="runs at once (default: 1 locally, all on SLURM)")
     sweep.add_argument("--executor", choices=["local", "slurm", "submitit-local"],
                        help="local processes (default), SLURM through submitit, or submitit's local executor")
@@ -82,34 +114,10 @@ def _sweep_parser(sub) -> None:
                        help="slurm: any other submitit slurm_<KEY> parameter, e.g. --slurm account=abc")
 
 
-def _train_config(args):
-    """The run's config and folder (None: the recipe's own). With ``--resume``, the config must be the one
-    stored in ``last.pt`` except for how the run is watched (:func:`deepkd.train.config.check_resume`)."""
-    from deepkd.errors import ConfigError
-    from deepkd.train.config import apply_overrides, check_resume, load_config, validate_config
-    from deepkd.train.run_folder import run_directory, stored_config
-
-    if Path(args.recipe).is_dir():
-        if not args.resume:
-            raise ConfigError(f"{args.recipe!r} is a run folder: add --resume to continue it")
-        run_dir = Path(args.recipe)
-        last = run_dir / "last.pt"
-        stored = stored_config(last)
-        cfg = validate_config(apply_overrides(copy.deepcopy(stored), args.overrides), str(last))
-    else:
-        cfg, run_dir = load_config(args.recipe, args.overrides), None
-        last = run_directory(cfg) / "last.pt"
-        stored = stored_config(last) if args.resume and last.is_file() else None
-    if stored is not None:
-        check_resume(stored, cfg, str(last))
-    return cfg, run_dir
-
-
 def cmd_train(args) -> int:
-    from deepkd.train.loop import train
+    from deepkd.train.runner import run_recipe
 
-    cfg, run_dir = _train_config(args)
-    summary = train(cfg, resume=args.resume, run_dir=run_dir)
+    summary = run_recipe(args.recipe, args.overrides, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:  # other ranks' summaries are not the run's files
         print(json.dumps(summary))
     return 0
@@ -192,8 +200,35 @@ def cmd_download(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from deepkd.deploy import export_run, format_report
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "run", "format")}
+    print(format_report(export_run(args.run, args.format, **options)))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from deepkd.deploy import format_prediction, load_predictor, predict
+
+    options = {"top": args.top} if "top" in args else {}
+    for record in predict(load_predictor(args.model), args.images, **options):
+        print(json.dumps(record) if getattr(args, "json", False) else format_prediction(record))
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from deepkd.deploy import format_profile, profile
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "teacher", "student", "json")}
+    report = profile(args.teacher, args.student, **options)
+    print(json.dumps(report) if getattr(args, "json", False) else format_profile(report))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "list": cmd_list, "eval": cmd_eval, "plot": cmd_plot,
-            "summary": cmd_summary, "demo": cmd_demo, "download": cmd_download}
+            "summary": cmd_summary, "demo": cmd_demo, "download": cmd_download, "export": cmd_export,
+            "predict": cmd_predict, "profile": cmd_profile}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

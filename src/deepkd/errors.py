@@ -45,3 +45,12 @@ class UnknownNameError(DeepKDError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message with quotes around it
         return str(self.args[0]) if self.args else ""
+
+
+class MissingPackageError(DeepKDError, ImportError):
+    """An optional package a command needs is not installed (with the pip command that installs it)."""
+
+
+class ExportError(DeepKDError, RuntimeError):
+    """A model deepkd cannot export, run or profile yet (detectors), or whose export does not
+    reproduce it within the tolerance."""

@@ -5,8 +5,11 @@ Nothing about run folders is decided here: each run's config is :func:`deepkd.tr
 of its recipe and overrides, with ``experiment`` (the configuration's name, e.g.
 ``dkd__optimizer.lr=0.1``), ``output_dir`` (the sweep folder) and ``seed`` set by the sweep; its folder
 is :func:`deepkd.train.run_folder.run_directory` (``<out>/<configuration>/seed<seed>``), claimed and
-checked by the trainer. So ``deepkd summary <out>`` groups each configuration's seeds, and any run
-can be continued by hand with ``deepkd train <folder> --resume``.
+checked by the trainer. Without ``--out`` the sweep folder is ``<output_dir>/sweep``, ``output_dir``
+being the one all the sweep's recipes share (``runs/sweep`` for recipes that keep the default);
+recipes with different ``output_dir`` need ``--out`` (:func:`sweep_folder`). So ``deepkd summary
+<out>`` groups each configuration's seeds, and any run can be continued by hand with
+``deepkd train <folder> --resume``.
 
 Re-running a sweep resumes it: finished runs (``summary.json``) are skipped, runs with a ``last.pt``
 resume, the rest start; a folder holding a run of another config is refused up front. A SLURM job
@@ -16,7 +19,6 @@ once, as SIGTERM, so it saves ``last.pt`` and stops.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -94,12 +96,12 @@ def train_command(run: SweepRun) -> List[str]:
 
 def train_run(recipe: str, overrides: Sequence[str]) -> str:
     """Train one run of a sweep by the resume rule, in this process; returns its state afterwards."""
-    from deepkd.cli import cmd_train
+    from deepkd.train.runner import run_recipe
 
     run_dir = run_directory(load_config(recipe, overrides))
     state = run_state(run_dir)
-    if state != "finished":
-        cmd_train(argparse.Namespace(recipe=recipe, overrides=list(overrides), resume=state == "interrupted"))
+    if state != "finished":  # the job's log ends as a ``deepkd train`` process's output does
+        print(json.dumps(run_recipe(recipe, overrides, resume=state == "interrupted")), flush=True)
     return run_state(run_dir)
 
 
@@ -123,16 +125,34 @@ class SweepJob:
         return submitit.helpers.DelayedSubmission(self)
 
 
-def plan(recipes: Sequence[str], seeds: Sequence[Optional[int]], grid: Sequence[Tuple[str, List[str]]],
-         overrides: Sequence[str], out: Path) -> List[SweepRun]:
-    """Every (recipe, --set combination, seed) as a validated run; a run folder holding a run of
-    another config is an error (:func:`deepkd.train.config.check_resume`)."""
+def _check_keys(overrides: Sequence[str], grid: Sequence[Tuple[str, List[str]]]) -> None:
+    """Refuse a key the sweep sets itself (:data:`SWEEP_KEYS`) or a key given twice."""
     keys = [".".join(parse_override(o)[0]) for o in overrides] + [key for key, _ in grid]
     for key in keys:
         if key in SWEEP_KEYS:
             raise ConfigError(f"{key!r} is the sweep's to set: {SWEEP_KEYS[key]}")
         if keys.count(key) > 1:
             raise ConfigError(f"{key!r} is given more than once (in --set or as a fixed override)")
+
+
+def sweep_folder(recipes: Sequence[str], overrides: Sequence[str] = (),
+                 grid: Sequence[Tuple[str, List[str]]] = ()) -> Path:
+    """The sweep folder when ``--out`` is not given: ``<output_dir>/sweep``, ``output_dir`` being that of
+    every recipe's config (as its first run reads it); recipes that differ in it are a ConfigError."""
+    _check_keys(overrides, grid)
+    first = [*overrides, *(f"{key}={values[0]}" for key, values in grid)]
+    folders = {recipe: load_config(recipe, first).output_dir for recipe in recipes}
+    if len({Path(folder).resolve() for folder in folders.values()}) > 1:
+        listed = ", ".join(f"{recipe}: {folder!r}" for recipe, folder in folders.items())
+        raise ConfigError(f"the recipes disagree on output_dir ({listed}): give the sweep's folder with --out")
+    return Path(next(iter(folders.values()))) / "sweep"
+
+
+def plan(recipes: Sequence[str], seeds: Sequence[Optional[int]], grid: Sequence[Tuple[str, List[str]]],
+         overrides: Sequence[str], out: Path) -> List[SweepRun]:
+    """Every (recipe, --set combination, seed) as a validated run; a run folder holding a run of
+    another config is an error (:func:`deepkd.train.config.check_resume`)."""
+    _check_keys(overrides, grid)
     stems = [Path(r).name.removesuffix(".yaml") for r in recipes]
     runs: List[SweepRun] = []
     for recipe, stem in zip(recipes, stems):
@@ -300,13 +320,14 @@ def _write_manifest(out_dir: Path, runs: List[SweepRun], grid: Dict) -> None:
 
 
 def run_sweep(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Union[str, Sequence[int], None] = None,
-              set_values: Sequence[str] = (), out: str = "runs/sweep", jobs: Optional[int] = None,
+              set_values: Sequence[str] = (), out: Optional[str] = None, jobs: Optional[int] = None,
               executor: str = "local", dry_run: bool = False, timeout_min: float = 24 * 60, gpus_per_node: int = 1,
               slurm_partition: Optional[str] = None, cpus_per_task: Optional[int] = None,
               mem_gb: Optional[float] = None, slurm: Sequence[str] = (), poll_s: float = 1.0,
               stream=None) -> Dict[str, str]:
     """Run the grid ``recipes`` x ``set_values`` (``key=v1,v2``) x ``seeds`` (``"0-4"``; None: each
-    recipe's seed) under ``out``; ``overrides`` apply to every run. ``jobs``: runs at once (None: 1
+    recipe's seed) under ``out`` (None: :func:`sweep_folder`, ``<output_dir>/sweep`` of the recipes'
+    shared ``output_dir``); ``overrides`` apply to every run. ``jobs``: runs at once (None: 1
     locally, all on SLURM). ``executor``: local processes (one GPU each, round-robin, or
     cores // jobs threads), slurm or submitit-local. SLURM options: ``timeout_min``,
     ``gpus_per_node``, ``slurm_partition``, ``cpus_per_task``, ``mem_gb``, ``slurm`` (``key=value``:
@@ -318,9 +339,9 @@ def run_sweep(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Unio
                            (executor not in EXECUTORS, f"--executor {executor!r} is not one of {EXECUTORS}")):
         if wrong:
             raise ConfigError(message)
-    out_dir = Path(out).resolve()
     seed_list = parse_seeds(seeds) if isinstance(seeds, str) else list(seeds) if seeds is not None else [None]
     grid = [parse_set(text) for text in set_values]
+    out_dir = Path(out if out is not None else sweep_folder(recipes, overrides, grid)).resolve()
     runs = plan(recipes, seed_list, grid, overrides, out_dir)
     for run in runs:
         run.state = {"finished": "finished", "interrupted": "queued", "new": "queued"}[run_state(run.run_dir)]

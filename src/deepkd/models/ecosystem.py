@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from deepkd.errors import MissingFileError, UnknownNameError, WeightsError
-from deepkd.models.registry import register_model
+from deepkd.models.registry import ModelResolver, register_model, register_resolver
 from deepkd.models.weights import extract_state_dict, load_weights, read_weights
 
 TIMM, TORCHVISION = "timm/", "torchvision/"
@@ -50,11 +50,6 @@ def _torchvision_builder(tv_name: str):
 
 for _name, _tv_name in _TORCHVISION_NAMES.items():
     register_model(_name, input_size=224, dataset="imagenet", source="torchvision")(_torchvision_builder(_tv_name))
-
-
-def is_external(name: str) -> bool:
-    """True for ``timm/<name>`` and ``torchvision/<name>``."""
-    return name.startswith((TIMM, TORCHVISION))
 
 
 def create_external(name: str, num_classes: int) -> nn.Module:
@@ -90,6 +85,17 @@ def list_external(pattern: str) -> List[str]:
 
     names = torchvision.models.list_models(module=torchvision.models)
     return [TORCHVISION + n for n in names if fnmatch.fnmatch(n, pattern[len(TORCHVISION):] or "*")]
+
+
+def external_info(name: str) -> Dict[str, Any]:
+    """:func:`deepkd.models.model_info` of ``timm/<name>`` or ``torchvision/<name>``: an ImageNet model
+    whose input size is its pretrained weights' (224 when they name none)."""
+    size = data_config(name).get("image_size", 224)
+    return {"input_size": size, "dataset": "imagenet", "source": name.split("/")[0]}
+
+
+for _prefix in (TIMM, TORCHVISION):
+    register_resolver(_prefix, ModelResolver(create=create_external, names=list_external, info=external_info))
 
 
 def data_config(name: str, weights: Optional[str] = None) -> Dict[str, Any]:

@@ -1,13 +1,44 @@
-"""The model registry: ``create_model(name, num_classes)`` and ``list_models(pattern)``."""
+"""The model registry: ``create_model(name, num_classes)`` and ``list_models(pattern)``.
+
+Named builders are registered with :func:`register_model`. Whole families of names that another
+library builds (``timm/<name>``, ``torchvision/<name>``) come from a :class:`ModelResolver` that
+registers itself under its name prefix (:func:`register_resolver`): :mod:`deepkd.models.ecosystem`
+does so when :mod:`deepkd.models` is imported, so this module imports no adapter.
+"""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
 
 from torch import nn
 
 from deepkd.registry import Registry
 
 MODELS = Registry("model")
+
+
+@dataclass(frozen=True)
+class ModelResolver:
+    """The models of a name prefix that another library builds (timm, torchvision)."""
+
+    create: Callable[..., nn.Module]  # (name, num_classes, **kwargs) -> model, randomly initialised
+    names: Callable[[str], List[str]]  # a shell pattern starting with the prefix -> matching names
+    info: Callable[[str], dict]  # name -> model_info's ``input_size``, ``dataset``, ``source``
+
+
+_RESOLVERS: Dict[str, ModelResolver] = {}
+
+
+def register_resolver(prefix: str, resolver: ModelResolver) -> None:
+    """Resolve every name starting with ``prefix`` (``"timm/"``) through ``resolver``; a prefix
+    registered twice raises, as a model name does."""
+    if prefix in _RESOLVERS:
+        raise ValueError(f"model name prefix {prefix!r} is already registered")
+    _RESOLVERS[prefix] = resolver
+
+
+def _resolver(name: str) -> Optional[ModelResolver]:
+    return next((resolver for prefix, resolver in _RESOLVERS.items() if name.startswith(prefix)), None)
 
 
 def register_model(name: str, *, input_size: int = 32, dataset: str = "cifar", source: str = "deepkd", **info):
@@ -24,10 +55,9 @@ def create_model(name: str, num_classes: Optional[int] = None, **kwargs) -> nn.M
     classifier). ``num_classes`` defaults to the model's dataset: 100 for CIFAR models, 1000 for
     ImageNet, timm and torchvision ones.
     """
-    from deepkd.models import ecosystem
-
-    if ecosystem.is_external(name):
-        model = ecosystem.create_external(name, 1000 if num_classes is None else num_classes, **kwargs)
+    resolver = _resolver(name)
+    if resolver is not None:
+        model = resolver.create(name, 1000 if num_classes is None else num_classes, **kwargs)
         model.deepkd_name = name
         return model
     if num_classes is None:
@@ -40,21 +70,16 @@ def create_model(name: str, num_classes: Optional[int] = None, **kwargs) -> nn.M
 def list_models(pattern: Optional[str] = None) -> List[str]:
     """Registered model names, optionally filtered by a shell pattern such as ``"resnet*"``; a pattern
     starting with ``timm/`` or ``torchvision/`` lists that library's models (``"timm/deit_*"``)."""
-    from deepkd.models import ecosystem
-
-    if pattern and ecosystem.is_external(pattern):
-        return ecosystem.list_external(pattern)
+    resolver = _resolver(pattern) if pattern else None
+    if resolver is not None:
+        return resolver.names(pattern)
     return MODELS.names(pattern)
 
 
 def model_info(name: str) -> dict:
     """Registration metadata of a model: ``input_size``, ``dataset``, ``source``."""
-    from deepkd.models import ecosystem
-
-    if ecosystem.is_external(name):
-        size = ecosystem.data_config(name).get("image_size", 224)
-        return {"input_size": size, "dataset": "imagenet", "source": name.split("/")[0]}
-    return MODELS.info(name)
+    resolver = _resolver(name)
+    return resolver.info(name) if resolver is not None else MODELS.info(name)
 
 
 _PARAMETER_COUNTS: Dict[str, int] = {}
