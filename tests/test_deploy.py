@@ -304,3 +304,26 @@ def test_every_zoo_student_exports_in_every_format(name, tmp_path):
         assert report["top1_agreement"] == 1.0, (fmt, report)
         predictor = load_predictor(report["file"])
         assert predictor.forward(validation_images(cfg, 7)).shape == (7, 100)
+
+
+def test_predict_pads_fashion_mnist_images_as_its_reader_does(tmp_path):
+    """A Fashion-MNIST run evaluates its 28x28 images zero-padded to 32, not resized: predict does the same."""
+    from PIL import Image
+
+    from deepkd.data.fashion_mnist import pad
+    from deepkd.deploy.predict import preprocess
+    from deepkd.deploy.run import preprocessing
+
+    cfg = validate_config({"student": {"name": "cnn_w4"}, "method": {"name": "ce"},
+                           "data": {"dataset": "fashion_mnist", "root": str(tmp_path)}})
+    facts = {"input_size": 32, "mean": [0.2, 0.2, 0.2], "std": [0.3, 0.3, 0.3]}
+    metadata = preprocessing(cfg, facts)
+    assert metadata["crop"] == "pad" and metadata["channels"] == 3
+    grey = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "shirt.png")
+    expected = (pad(torch.from_numpy(grey)[None], 32, 3)[0].float() / 255 - 0.2) / 0.3
+    got = preprocess([tmp_path / "shirt.png"], metadata)[0]
+    torch.testing.assert_close(got, expected)
+    border = torch.full((3, 2, 32), (0 - 0.2) / 0.3)
+    torch.testing.assert_close(got[:, :2], border)  # the zero-padded border, top and bottom
+    torch.testing.assert_close(got[:, 30:], border)

@@ -47,15 +47,38 @@ def load_predictor(model: str | Path) -> Predictor:
     return Predictor(forward, metadata, str(path))
 
 
+def _padded(metadata: Dict[str, Any]):
+    """Fashion-MNIST's evaluation: the image at 28x28 (resized if it is not), zero-padded centred to
+    ``input_size`` (:func:`deepkd.data.fashion_mnist.pad`), scaled to [0, 1], normalised."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from deepkd.data.fashion_mnist import SIDE, pad
+
+    mean = torch.tensor(metadata["mean"]).view(-1, 1, 1)
+    std = torch.tensor(metadata["std"]).view(-1, 1, 1)
+
+    def transform(pixels: torch.Tensor) -> torch.Tensor:
+        grey = pixels[:1] if bool((pixels == pixels[:1]).all()) else TF.rgb_to_grayscale(pixels)  # grey as stored
+        if grey.shape[-2:] != (SIDE, SIDE):
+            grey = TF.resize(grey, [SIDE, SIDE], antialias=True)
+        padded = pad(grey, metadata["input_size"], metadata["channels"])[0]
+        return (padded.float() / 255.0 - mean) / std
+
+    return transform
+
+
 def preprocess(paths: Sequence[str | Path], metadata: Dict[str, Any]) -> torch.Tensor:
     """``[n, channels, input_size, input_size]`` float32: the images as the run's evaluation sees them."""
     from torchvision.transforms.v2 import functional as TF
 
     from deepkd.data.imagefolder import build_transform, decode
 
-    transform = build_transform(train=False, image_size=metadata["input_size"], resize=metadata["resize"],
-                                crop=metadata["crop"], interpolation=metadata["interpolation"],
-                                mean=metadata["mean"], std=metadata["std"])
+    if metadata["crop"] == "pad":
+        transform = _padded(metadata)
+    else:
+        transform = build_transform(train=False, image_size=metadata["input_size"], resize=metadata["resize"],
+                                    crop=metadata["crop"], interpolation=metadata["interpolation"],
+                                    mean=metadata["mean"], std=metadata["std"])
     images = []
     for path in paths:
         if not Path(path).is_file():

@@ -73,7 +73,8 @@ def preprocessing(cfg: RunConfig, facts: Dict[str, Any]) -> Dict[str, Any]:
     """How one image becomes the student's input, as the run's evaluation does it: the shorter side
     resized to ``resize`` (``pad_crop``: to ``input_size``), a centre crop of ``input_size``, pixels
     scaled to [0, 1] and normalised by ``mean``/``std`` (:func:`deepkd.data.imagefolder.build_transform`).
-    Sets of small images (CIFAR, synthetic, Fashion-MNIST) evaluate at ``input_size`` as stored."""
+    Sets of small images (CIFAR, synthetic) evaluate at ``input_size`` as stored; Fashion-MNIST
+    (``crop: "pad"``) zero-pads its 28x28 images, centred, to ``input_size``, as its reader does."""
     size = facts["input_size"]
     crop, resize, interpolation = "pad_crop", size, FolderOptions.interpolation
     if cfg.data.dataset in FOLDER_DATASETS:
@@ -81,6 +82,8 @@ def preprocessing(cfg: RunConfig, facts: Dict[str, Any]) -> Dict[str, Any]:
         crop, interpolation = options.crop, options.interpolation
         if crop == "random_resized":  # the evaluation resize deepkd.data uses for image folders (its default)
             resize = options.resize or round(options.image_size / 0.875)
+    if cfg.data.dataset == "fashion_mnist":
+        crop = "pad"
     channels = cfg.data.channels if cfg.data.dataset == "fashion_mnist" else 3
     return {"input_size": size, "resize": resize, "crop": crop, "interpolation": interpolation,
             "channels": channels, "mean": facts["mean"], "std": facts["std"]}
