@@ -38,7 +38,7 @@ def selection_table(found: Dict, configs: List[str]) -> str:
             final, best_epoch = [r["last_top1"] for r in runs[lr]], [r["best_top1"] for r in runs[lr]]
             text = f"{_ms(final)} ({statistics.fmean(best_epoch):.2f})"
             cells.append(f"**{text}**" if lr == best else text)
-        chosen = "-" if best is None else f"{best:g}" + (" (edge: grid to extend)" if edge else "")
+        chosen = "-" if best is None else f"{best:g}" + (" (at the edge of the finished lrs)" if edge else "")
         lines.append(f"| {config} | " + " | ".join(cells) + f" | {chosen} |")
     return "\n".join(lines)
 
