@@ -38,7 +38,7 @@ from deepkd.train.data_config import (  # noqa: F401  (re-exported: deepkd.train
     DataConfig,
     SyntheticConfig,
 )
-from deepkd.train.schema import _choice, _default, _Strict
+from deepkd.train.schema import _choice, _default, _Strict, check_used_keys
 
 __all__ = ["ConfigError", "RunConfig", "check_resume", "config_to_dict", "load_config", "save_config",
            "validate_config"]
@@ -83,11 +83,7 @@ class DetectionDataConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_used(self) -> "DetectionDataConfig":
-        unused = [k for k in type(self).model_fields if k in self.model_fields_set and k not in self.used_keys()]
-        if unused:
-            users = {k: ", ".join(d for d, keys in DETECTION_DATASET_KEYS.items() if k in keys) for k in unused}
-            raise ValueError(f"dataset {self.dataset!r} does not use "
-                             + ", ".join(f"data.{k} (only {users[k]})" for k in unused))
+        check_used_keys(self, DETECTION_DATASET_KEYS)
         return self
 
 

@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 
 from deepkd.data import build_data, check_resize
 from deepkd.data.fashion_mnist import check_image_size
-from deepkd.train.schema import _default, _Strict
+from deepkd.train.schema import _default, _Strict, check_used_keys
 
 __all__ = ["COMMON_DATA_KEYS", "DATASET_KEYS", "FASHION_MNIST_KEYS", "FOLDER_KEYS", "DataConfig", "SyntheticConfig"]
 
@@ -81,11 +81,7 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_used(self) -> "DataConfig":
-        unused = [k for k in type(self).model_fields if k in self.model_fields_set and k not in self.used_keys()]
-        if unused:
-            users = {k: ", ".join(d for d, keys in DATASET_KEYS.items() if k in keys) for k in unused}
-            raise ValueError(f"dataset {self.dataset!r} does not use "
-                             + ", ".join(f"data.{k} (only {users[k]})" for k in unused))
+        check_used_keys(self, DATASET_KEYS)
         if (self.mean == "auto") != (self.std is None) and self.mean is not None:
             raise ValueError("mean: auto measures std too (leave std unset); a list of means needs a list of stds")
         if self.std is not None and self.mean is None:

@@ -7,7 +7,7 @@ Kept apart from :mod:`deepkd.train.config` so its sections can live in their own
 from __future__ import annotations
 
 import inspect
-from typing import Annotated, Any, Callable, Union
+from typing import Annotated, Any, Callable, Dict, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Tag
 
@@ -31,3 +31,13 @@ def _choice(default: str, *models: type) -> Any:
 
     variants = tuple(Annotated[m, Tag(m.model_fields["name"].default)] for m in models)
     return Annotated[Union[variants], Discriminator(tag)]
+
+
+def check_used_keys(section: BaseModel, table: Dict[str, Tuple[str, ...]]) -> None:
+    """Refuse the keys set in a data section that its dataset does not read (``section.used_keys()``),
+    naming the datasets of ``table`` (dataset -> its keys) that do read them."""
+    unused = [k for k in type(section).model_fields if k in section.model_fields_set and k not in section.used_keys()]
+    if unused:
+        users = {k: ", ".join(d for d, keys in table.items() if k in keys) for k in unused}
+        raise ValueError(f"dataset {section.dataset!r} does not use "
+                         + ", ".join(f"data.{k} (only {users[k]})" for k in unused))
