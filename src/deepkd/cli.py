@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _deploy_parsers(sub) -> None:
-    """``deepkd export``, ``predict`` and ``profile``; defaults live in :mod:`deepkd.deploy`'s signatures."""
+    """``deepkd export``, ``quantize``, ``predict`` and ``profile``; defaults live in :mod:`deepkd.deploy`'s signatures."""
     export = sub.add_parser("export", argument_default=argparse.SUPPRESS,
                             help="a run's student as ONNX, TorchScript or torch.export (pt2), checked against "
                                  "PyTorch on the run's test images")
@@ -77,6 +77,24 @@ def _deploy_parsers(sub) -> None:
     predict.add_argument("images", nargs="+")
     predict.add_argument("--top", type=int, help="classes shown per image (default 5)")
     predict.add_argument("--json", action="store_true", help="one JSON object per image and line")
+    quantize = sub.add_parser("quantize", argument_default=argparse.SUPPRESS,
+                              help="int8 ONNX of a run's student (ONNX Runtime static quantisation), with top-1 "
+                                   "before and after and the latency ratio")
+    quantize.add_argument("run", help="a finished run folder")
+    quantize.add_argument("-o", "--out", help="the file to write (default: student.int8.onnx in the run folder)")
+    quantize.add_argument("--calibration", type=int, help="training images that set the activation ranges "
+                                                          "(default 256)")
+    quantize.add_argument("--calibrate", choices=["minmax", "percentile", "entropy"], help="default minmax")
+    quantize.add_argument("--per-tensor", dest="per_channel", action="store_false",
+                          help="one weight scale per tensor (default: per output channel)")
+    quantize.add_argument("--images", type=int, help="test images of the top-1 measurement (default: all)")
+    quantize.add_argument("--batch-sizes", type=int, nargs="+", help="latency batch sizes (default 1 32)")
+    quantize.add_argument("--repeats", type=int, help="timed runs per batch size, median reported (default 20)")
+    quantize.add_argument("--warmup", type=int, help="untimed runs before them (default 5)")
+    quantize.add_argument("--threads", type=int, help="ONNX Runtime CPU threads (default 1)")
+    quantize.add_argument("--max-drop", type=float, help="keep nothing if int8 top-1 falls more than this many "
+                                                         "points below fp32")
+    quantize.add_argument("--json", action="store_true")
     profile = sub.add_parser("profile", help="parameters, MACs and CPU latency of a teacher and a student",
                              argument_default=argparse.SUPPRESS)
     profile.add_argument("teacher", help="a model name (deepkd list models), a recipe (its teacher) or a run folder")
@@ -217,6 +235,15 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from deepkd.deploy import format_quantize, quantize_run
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "run", "json")}
+    report = quantize_run(args.run, **options)
+    print(json.dumps(report) if getattr(args, "json", False) else format_quantize(report))
+    return 0
+
+
 def cmd_profile(args) -> int:
     from deepkd.deploy import format_profile, profile
 
@@ -228,7 +255,7 @@ def cmd_profile(args) -> int:
 
 COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "list": cmd_list, "eval": cmd_eval, "plot": cmd_plot,
             "summary": cmd_summary, "demo": cmd_demo, "download": cmd_download, "export": cmd_export,
-            "predict": cmd_predict, "profile": cmd_profile}
+            "predict": cmd_predict, "profile": cmd_profile, "quantize": cmd_quantize}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
