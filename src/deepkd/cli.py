@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _deploy_parsers(sub) -> None:
-    """``deepkd export``, ``quantize``, ``predict`` and ``profile``; defaults live in :mod:`deepkd.deploy`'s signatures."""
+    """``deepkd export``, ``quantize``, ``predict`` and ``profile``; defaults live in the signatures of
+    :mod:`deepkd.deploy`."""
     export = sub.add_parser("export", argument_default=argparse.SUPPRESS,
                             help="a run's student as ONNX, TorchScript or torch.export (pt2), checked against "
                                  "PyTorch on the run's test images")
@@ -77,6 +78,22 @@ def _deploy_parsers(sub) -> None:
     predict.add_argument("images", nargs="+")
     predict.add_argument("--top", type=int, help="classes shown per image (default 5)")
     predict.add_argument("--json", action="store_true", help="one JSON object per image and line")
+    _quantize_parser(sub)
+    profile = sub.add_parser("profile", help="parameters, MACs and CPU latency of a teacher and a student",
+                             argument_default=argparse.SUPPRESS)
+    profile.add_argument("teacher", help="a model name (deepkd list models), a recipe (its teacher) or a run folder")
+    profile.add_argument("student", help="a model name, a recipe (its student) or a run folder")
+    profile.add_argument("--batch-sizes", type=int, nargs="+", help="latency batch sizes (default 1 32)")
+    profile.add_argument("--repeats", type=int, help="timed runs per batch size, median reported (default 10)")
+    profile.add_argument("--warmup", type=int, help="untimed runs before them (default 3)")
+    profile.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    profile.add_argument("--num-classes", type=int, help="classes of a named model (default: its own)")
+    profile.add_argument("--input-size", type=int, help="input side of a named model (default: its own)")
+    profile.add_argument("--json", action="store_true")
+
+
+def _quantize_parser(sub) -> None:
+    """``deepkd quantize``; defaults in :func:`deepkd.deploy.quantize_run`'s signature."""
     quantize = sub.add_parser("quantize", argument_default=argparse.SUPPRESS,
                               help="int8 ONNX of a run's student (ONNX Runtime static quantisation), with top-1 "
                                    "before and after and the latency ratio")
@@ -95,17 +112,6 @@ def _deploy_parsers(sub) -> None:
     quantize.add_argument("--max-drop", type=float, help="keep nothing if int8 top-1 falls more than this many "
                                                          "points below fp32")
     quantize.add_argument("--json", action="store_true")
-    profile = sub.add_parser("profile", help="parameters, MACs and CPU latency of a teacher and a student",
-                             argument_default=argparse.SUPPRESS)
-    profile.add_argument("teacher", help="a model name (deepkd list models), a recipe (its teacher) or a run folder")
-    profile.add_argument("student", help="a model name, a recipe (its student) or a run folder")
-    profile.add_argument("--batch-sizes", type=int, nargs="+", help="latency batch sizes (default 1 32)")
-    profile.add_argument("--repeats", type=int, help="timed runs per batch size, median reported (default 10)")
-    profile.add_argument("--warmup", type=int, help="untimed runs before them (default 3)")
-    profile.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    profile.add_argument("--num-classes", type=int, help="classes of a named model (default: its own)")
-    profile.add_argument("--input-size", type=int, help="input side of a named model (default: its own)")
-    profile.add_argument("--json", action="store_true")
 
 
 def _sweep_parser(sub) -> None:
