@@ -242,6 +242,7 @@ def test_profile_counts_the_published_parameters_and_macs(capsys):
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "parameters" in table and "MACs" in table and "CPU latency, batch 1" in table and "torch thread" in table
+    assert "activations (1 image)" in table and student["activation_bytes"] < teacher["activation_bytes"]
 
 
 def test_profile_reads_recipes_and_run_folders(synthetic_run, capsys):
@@ -277,6 +278,17 @@ def test_macs_equal_a_hand_count():
     conv2 = (8 * 8) * 16 * (8 * 3 * 3)    # stride 2 -> 16x8x8: 73,728
     fc = 16 * 10                          # 160
     assert count_macs(SmallNet().eval(), (3, 16, 16)) == conv1 + conv2 + fc == 129_184
+
+
+def test_activation_memory_equals_a_hand_count():
+    from deepkd.models.cost import activation_bytes
+
+    # float32 outputs of the leaf modules: conv1 8x16x16, bn 8x16x16, conv2 16x8x8, fc 10 (relu and
+    # the mean are functions, not modules); an in-place ReLU module adds nothing, a copying one its output
+    assert activation_bytes(SmallNet().eval(), (3, 16, 16)) == 4 * (2048 + 2048 + 1024 + 10) == 20_520
+    inplace = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(inplace=True))
+    copying = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+    assert activation_bytes(inplace, (3, 2, 2)) == 4 * 16 and activation_bytes(copying, (3, 2, 2)) == 4 * 32
 
 
 

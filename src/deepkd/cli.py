@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     summary.add_argument("--export", metavar="PATH", help="also write every run's record (metrics, curve) as JSON, "
                          "which deepkd summary reads back in place of the run folders")
     summary.add_argument("--json", action="store_true")
+    summary.add_argument("--cards", action="store_true", help="write a model card (README.md) per experiment in "
+                         "the folder its seeds share: top-1 mean +- std, cost, provenance")
     summary.add_argument("--compare", nargs=2, metavar=("A", "B"),
                          help="difference of means A - B of two experiments, with a 95%% Welch confidence interval")
     summary.add_argument("--reach", type=float, metavar="ACC",
@@ -200,6 +202,11 @@ def cmd_summary(args) -> int:
         from deepkd.commands.plots import plot_summary
 
         plot_summary(groups, rows, args.figure)
+    if args.cards:
+        from deepkd.commands.summary import write_cards
+
+        for card in write_cards(groups):
+            print(f"wrote {card}", file=sys.stderr)
     if args.json:  # a list of rows; an object {"rows", "compare"} with --compare
         print(json.dumps({"rows": rows, "compare": comparison} if comparison else rows))
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -139,6 +140,23 @@ def _reach(runs: List[Dict], target: float) -> Dict:
 
 # -- rows ---------------------------------------------------------------------------------------------
 RESULTS_FORMAT = "deepkd-runs/1"  # ``deepkd summary --export``: the per-run records, to commit beside a report
+
+
+def write_cards(groups: Dict[str, List[Dict]]) -> List[Path]:
+    """One model card per experiment (:func:`deepkd.train.card.write_group_card`) in the folder its seeds
+    share; experiments read from ``--export`` files (no folders) or of detection are left out."""
+    from deepkd.train.card import write_group_card
+
+    written = []
+    for runs in groups.values():
+        folders = [Path(r["run_dir"]) for r in runs if r["metric"] == "top1" and Path(r["run_dir"]).is_dir()]
+        if not folders:
+            continue
+        shared = Path(os.path.commonpath([str(f.resolve()) for f in folders]))
+        card = write_group_card(shared.parent if shared in {f.resolve() for f in folders} else shared, folders)
+        if card is not None:
+            written.append(card)
+    return written
 
 
 def export_runs(groups: Dict[str, List[Dict]], path: str | Path) -> Path:

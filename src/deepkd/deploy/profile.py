@@ -1,15 +1,10 @@
 """``deepkd profile``: parameters, MACs and CPU latency of a teacher and a student, side by side.
 
-MACs are multiply-accumulates of one image: torch's ``FlopCounterMode`` counts convolutions, linear
-layers and matrix products (attention included) at 2 FLOPs per MAC; normalisation, activations,
-pooling and additions are not counted (the convention of published MAC/FLOP tables). Latency is the
-median wall time of ``repeats`` forward passes in ``torch.inference_mode`` after ``warmup`` passes,
-on random inputs, with the number of torch CPU threads stated.
+MACs and latency are measured by :mod:`deepkd.models.cost` (the model card of every finished run
+uses the same functions).
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -20,6 +15,7 @@ from torch import nn
 from deepkd.deploy.run import FOLDER_DATASETS, load_run
 from deepkd.errors import ConfigError, ExportError, UnknownNameError
 from deepkd.models import count_parameters, create_model, list_models, model_info
+from deepkd.models.cost import activation_bytes, count_macs, latency_ms
 from deepkd.registry import closest
 
 
@@ -101,34 +97,11 @@ def _classes(model: nn.Module, num_classes: Optional[int], input_shape: Sequence
         return model(torch.zeros(1, *input_shape)).shape[-1]
 
 
-def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """Multiply-accumulates of one forward pass on one image (FlopCounterMode's FLOPs / 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(torch.zeros(1, *input_shape))
-    return counter.get_total_flops() // 2
-
-
-def latency_ms(model: nn.Module, input_shape: Sequence[int], batch: int, *, repeats: int = 10,
-               warmup: int = 3) -> float:
-    """Median milliseconds of ``repeats`` forward passes of a ``batch`` after ``warmup`` unmeasured ones."""
-    images = torch.randn(batch, *input_shape)
-    times = []
-    with torch.inference_mode():
-        for index in range(warmup + repeats):
-            start = time.perf_counter()
-            model(images)
-            if index >= warmup:
-                times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
-
-
 def profile(teacher: str, student: str, *, batch_sizes: Sequence[int] = (1, 32), repeats: int = 10,
             warmup: int = 3, num_classes: Optional[int] = None, input_size: Optional[int] = None,
             threads: Optional[int] = None) -> Dict[str, Any]:
-    """Both models' ``parameters``, ``macs`` and ``latency_ms`` per batch size, and how they were measured."""
+    """Both models' ``parameters``, ``macs``, ``activation_bytes`` (one image, float32) and ``latency_ms`` per
+    batch size, and how they were measured."""
     if threads is not None:
         torch.set_num_threads(threads)
     rows = []
@@ -138,6 +111,7 @@ def profile(teacher: str, student: str, *, batch_sizes: Sequence[int] = (1, 32),
         rows.append({"role": role, "spec": spec, "model": subject.name, "num_classes": subject.num_classes,
                      "input": list(subject.input_shape), "parameters": count_parameters(subject.model),
                      "macs": count_macs(subject.model, subject.input_shape),
+                     "activation_bytes": activation_bytes(subject.model, subject.input_shape),
                      "latency_ms": {str(b): latency_ms(subject.model, subject.input_shape, b, repeats=repeats,
                                                        warmup=warmup) for b in batch_sizes}})
     return {"models": rows, "device": "cpu", "threads": torch.get_num_threads(), "repeats": repeats,
@@ -165,6 +139,8 @@ def format_profile(report: Dict[str, Any]) -> str:
                   ratio(teacher["parameters"], student["parameters"])))
     lines.append(("MACs (1 image)", _human(teacher["macs"]), _human(student["macs"]),
                   ratio(teacher["macs"], student["macs"])))
+    lines.append(("activations (1 image)", *(f"{m['activation_bytes'] / 2**20:.2f} MiB" for m in (teacher, student)),
+                  ratio(teacher["activation_bytes"], student["activation_bytes"])))
     for batch in teacher["latency_ms"]:
         t, s = teacher["latency_ms"][batch], student["latency_ms"][batch]
         lines.append((f"CPU latency, batch {batch}", f"{t:.2f} ms", f"{s:.2f} ms", ratio(t, s)))

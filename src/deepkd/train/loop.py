@@ -20,6 +20,7 @@ from deepkd.models import save_weights
 from deepkd.optim import DecoupledMomentumSGD
 from deepkd.provenance import provenance
 from deepkd.train import build
+from deepkd.train.card import write_card
 from deepkd.train.checkpoint import (
     FORMAT,
     atomic_save,
@@ -418,4 +419,5 @@ def _finish(run: Run, position: Position, teacher_top1: Optional[float], seconds
     if run.ctx.is_main:
         save_weights(run.student, run.run_dir / "student.safetensors")
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_card(run.run_dir)  # README.md, config.json, model.safetensors: the Hugging Face layout
     return summary
