@@ -108,8 +108,8 @@ def _quantize_parser(sub) -> None:
                           help="one weight scale per tensor (default: per output channel)")
     quantize.add_argument("--images", type=int, help="test images of the top-1 measurement (default: all)")
     quantize.add_argument("--batch-sizes", type=int, nargs="+", help="latency batch sizes (default 1 32)")
-    quantize.add_argument("--repeats", type=int, help="timed runs per batch size, median reported (default 20)")
-    quantize.add_argument("--warmup", type=int, help="untimed runs before them (default 5)")
+    quantize.add_argument("--repeats", type=int, help="timed runs per batch size, median reported (default 50)")
+    quantize.add_argument("--warmup", type=int, help="untimed runs before them (default 10)")
     quantize.add_argument("--threads", type=int, help="ONNX Runtime CPU threads (default 1)")
     quantize.add_argument("--max-drop", type=float, help="keep nothing if int8 top-1 falls more than this many "
                                                          "points below fp32")

@@ -40,7 +40,7 @@ INT8_CHECK_RELATIVE = 0.02  # int8 kernels round differently across CPUs (VNNI o
 
 def quantize_run(run_dir: str | Path, out: Optional[str | Path] = None, *, calibration: int = 256,
                  calibrate: str = "minmax", per_channel: bool = True, images: Optional[int] = None,
-                 batch_sizes=(1, 32), repeats: int = 20, warmup: int = 5, threads: int = 1,
+                 batch_sizes=(1, 32), repeats: int = 50, warmup: int = 10, threads: int = 1,
                  max_drop: Optional[float] = None) -> Dict[str, Any]:
     """Write ``student.int8.onnx`` (or ``out``) for the run in ``run_dir``; returns what was measured:
     ``top1`` ({"fp32", "int8"}), ``drop`` (points), ``latency_ms`` ({"fp32", "int8"} per batch size),
