@@ -47,9 +47,10 @@ class Method(nn.Module):
     """Base of every distillation method module (inheritance depth 1).
 
     Subclasses set ``needs_teacher`` and implement ``forward``; ``teacher_logits`` is ``None`` when
-    ``needs_teacher`` is False. A method with ``views = 2`` (MLKD, CRLD) takes logits with a leading
-    view axis, ``[2, B, C]`` (0: the weak view, 1: the strong view), and ``target [B]``; the trainer
-    then gives every training image two augmented views.
+    ``needs_teacher`` is False. A method that offers DeepKD's dynamic top-k mask calls
+    :meth:`init_topk` in its ``__init__``. A method with ``views = 2`` (MLKD, CRLD) takes logits
+    with a leading view axis, ``[2, B, C]`` (0: the weak view, 1: the strong view), and
+    ``target [B]``; the trainer then gives every training image two augmented views.
     """
 
     needs_teacher: bool = True
@@ -65,8 +66,19 @@ class Method(nn.Module):
     ) -> Dict[str, LossTerm]:
         raise NotImplementedError
 
+    def init_topk(self, *, topk: bool, topk_start_fraction: float, topk_ramp_start: Optional[int],
+                  topk_ramp_end: Optional[int], topk_count_target: bool, warmup_epochs: float) -> None:
+        """Set ``self.dtm``, the dynamic top-k mask (:class:`~deepkd.losses.common.DynamicTopK`) of a
+        method that offers one, from that method's ``topk*`` and ``warmup_epochs`` arguments; with
+        ``topk=False`` the mask is off (its ``keep`` returns None: plain NCKD)."""
+        # Imported here, not at the top: deepkd.losses.common imports LossTerm from this module.
+        from deepkd.losses.common import DynamicTopK
+
+        self.dtm = DynamicTopK(enabled=topk, start_fraction=topk_start_fraction, ramp_start=topk_ramp_start,
+                               ramp_end=topk_ramp_end, count_target=topk_count_target, warmup_epochs=warmup_epochs)
+
     def topk(self, epoch: int) -> Optional[int]:
-        """The dynamic top-k mask's K at ``epoch``: None when the method has no mask (a ``dtm``
-        attribute, :class:`~deepkd.losses.common.DynamicTopK`), it is off, or no batch was seen yet."""
+        """The dynamic top-k mask's K at ``epoch``: None when the method has no mask (it never called
+        :meth:`init_topk`, so has no ``dtm``), the mask is off, or no batch was seen yet."""
         dtm = getattr(self, "dtm", None)
         return None if dtm is None else dtm.k(epoch)

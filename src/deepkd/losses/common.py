@@ -30,6 +30,8 @@ def check_non_negative(name: str, value: float) -> None:
 class DynamicTopK:
     """DeepKD's dynamic top-k mask (DTM) for a method's NCKD term; a plain helper, not a module.
 
+    Built in one place, :meth:`deepkd.losses.base.Method.init_topk`, as the method's ``dtm``.
+
     ``k(epoch, C)`` follows :func:`deepkd.losses.functional.dtm_k`; ``keep(...)`` returns the bool
     ``[..., C]`` mask of kept non-target classes, or None when the mask is off or K covers all.
     ``ramp_start`` None means ``warmup_epochs`` (deepkd's choice, the paper publishes none);

@@ -41,7 +41,7 @@ from deepkd.losses import _core
 from deepkd.losses import functional as F
 from deepkd.losses import multiview as V
 from deepkd.losses.base import LossTerm, Method, warmup_factor
-from deepkd.losses.common import TOPK_RAMP_END, TOPK_START_FRACTION, DynamicTopK, check_non_negative, check_positive
+from deepkd.losses.common import TOPK_RAMP_END, TOPK_START_FRACTION, check_non_negative, check_positive
 from deepkd.losses.registry import register_method
 
 MASKS = ("fraction", "per_sample")
@@ -145,9 +145,9 @@ class DeepKDCRLD(Method):
         self.temperature, self.weak_threshold, self.strong_threshold = temperature, weak_threshold, strong_threshold
         self.alpha, self.beta, self.warmup_epochs = alpha, beta, warmup_epochs
         self.mask, self.correlation_group_size = mask, correlation_group_size
-        self.dtm = DynamicTopK(enabled=topk, start_fraction=topk_start_fraction, ramp_start=topk_ramp_start,
-                               ramp_end=topk_ramp_end, count_target=topk_count_target,
-                               warmup_epochs=warmup_epochs)
+        self.init_topk(topk=topk, topk_start_fraction=topk_start_fraction, topk_ramp_start=topk_ramp_start,
+                       topk_ramp_end=topk_ramp_end, topk_count_target=topk_count_target,
+                       warmup_epochs=warmup_epochs)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor],
                 target: torch.Tensor, *, epoch: int) -> Dict[str, LossTerm]:

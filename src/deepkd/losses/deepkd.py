@@ -23,7 +23,6 @@ from deepkd.losses.base import LossTerm, Method, warmup_factor
 from deepkd.losses.common import (
     TOPK_RAMP_END,
     TOPK_START_FRACTION,
-    DynamicTopK,
     check_non_negative,
     check_positive,
     cross_entropy_and_mask,
@@ -65,9 +64,9 @@ class DeepKDKD(Method):
         self.temperature, self.ce_weight, self.warmup_epochs = temperature, ce_weight, warmup_epochs
         self.kd_weight = kd_weight
         self.per_sample_weight, self.ignore_index = per_sample_weight, ignore_index
-        self.dtm = DynamicTopK(enabled=topk, start_fraction=topk_start_fraction,
-                               ramp_start=topk_ramp_start, ramp_end=topk_ramp_end,
-                               count_target=topk_count_target, warmup_epochs=warmup_epochs)
+        self.init_topk(topk=topk, topk_start_fraction=topk_start_fraction, topk_ramp_start=topk_ramp_start,
+                       topk_ramp_end=topk_ramp_end, topk_count_target=topk_count_target,
+                       warmup_epochs=warmup_epochs)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor],
                 target: torch.Tensor, *, epoch: int) -> Dict[str, LossTerm]:

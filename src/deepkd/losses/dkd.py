@@ -10,7 +10,6 @@ from deepkd.losses.base import LossTerm, Method, warmup_factor
 from deepkd.losses.common import (
     TOPK_RAMP_END,
     TOPK_START_FRACTION,
-    DynamicTopK,
     check_non_negative,
     check_positive,
     cross_entropy_and_mask,
@@ -38,9 +37,9 @@ class DKD(Method):
         check_non_negative("warmup_epochs", warmup_epochs)
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.ce_weight, self.warmup_epochs, self.ignore_index = ce_weight, warmup_epochs, ignore_index
-        self.dtm = DynamicTopK(enabled=topk, start_fraction=topk_start_fraction,
-                               ramp_start=topk_ramp_start, ramp_end=topk_ramp_end,
-                               count_target=topk_count_target, warmup_epochs=warmup_epochs)
+        self.init_topk(topk=topk, topk_start_fraction=topk_start_fraction, topk_ramp_start=topk_ramp_start,
+                       topk_ramp_end=topk_ramp_end, topk_count_target=topk_count_target,
+                       warmup_epochs=warmup_epochs)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor],
                 target: torch.Tensor, *, epoch: int) -> Dict[str, LossTerm]:

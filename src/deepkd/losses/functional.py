@@ -257,8 +257,9 @@ def dtm_k(epoch: int, num_classes: int, *, start_fraction: float = 0.05, ramp_st
     ``K0 = ceil(start_fraction * C)`` (at least 1), the product rounded to 9 decimals first so that
     0.05 * 100 gives 5, not 6 (CIFAR-100: 5, ImageNet: 50). For ``ramp_start < e < ramp_end``:
     ``K = K0 + (C - K0)(e - ramp_start)/(ramp_end - ramp_start)`` rounded half up; ``K = C`` from
-    ``ramp_end`` on. The phase boundaries are deepkd's choice (the paper publishes none): by
-    default the trainer uses ramp_start = warm-up epochs and ramp_end = first LR decay.
+    ``ramp_end`` on. The phase boundaries are deepkd's choice (the paper publishes none): a method's
+    ramp_start defaults to its warm-up epochs (``DynamicTopK``); ramp_end has no default, each
+    recipe states it (deepkd's choice, e.g. the first LR decay).
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")

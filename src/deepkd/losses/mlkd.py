@@ -46,7 +46,7 @@ from deepkd.losses import _core
 from deepkd.losses import functional as F
 from deepkd.losses import multiview as V
 from deepkd.losses.base import LossTerm, Method, warmup_factor
-from deepkd.losses.common import TOPK_RAMP_END, TOPK_START_FRACTION, DynamicTopK, check_non_negative, check_positive
+from deepkd.losses.common import TOPK_RAMP_END, TOPK_START_FRACTION, check_non_negative, check_positive
 from deepkd.losses.registry import register_method
 
 # MLKD's hard-coded temperatures after T0: the strong view's instance terms use T0, 3, 5 and T = 2, 6
@@ -164,9 +164,9 @@ class DeepKDMLKD(Method):
         self.alpha, self.beta, self.warmup_epochs = alpha, beta, warmup_epochs
         self.mask, self.strong_t26, self.correlation_group_size = mask, strong_t26, correlation_group_size
         self.temperatures = (float(temperature),) + FIXED_TEMPERATURES
-        self.dtm = DynamicTopK(enabled=topk, start_fraction=topk_start_fraction, ramp_start=topk_ramp_start,
-                               ramp_end=topk_ramp_end, count_target=topk_count_target,
-                               warmup_epochs=warmup_epochs)
+        self.init_topk(topk=topk, topk_start_fraction=topk_start_fraction, topk_ramp_start=topk_ramp_start,
+                       topk_ramp_end=topk_ramp_end, topk_count_target=topk_count_target,
+                       warmup_epochs=warmup_epochs)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor],
                 target: torch.Tensor, *, epoch: int) -> Dict[str, LossTerm]:
