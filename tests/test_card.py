@@ -56,7 +56,7 @@ def test_a_finished_run_is_a_hugging_face_model_folder(runs):
     assert rows["parameters"][0] == f"{count_parameters(model):,}"
     assert rows["MACs, one image"][0] == f"{count_macs(model.eval(), (3, 32, 32)):,}"
     assert rows["test top-1, last epoch"] == (f"{summary['last_top1']:.2f}", "summary.json `last_top1`")
-    assert "CPU latency, batch 32" in rows and "torch threads" in rows["CPU latency, batch 32"][1]
+    assert "CPU latency, batch 32" in rows and "1 torch thread" in rows["CPU latency, batch 32"][1]
     assert f"commit {code_of(run / 'config.yaml')['commit']}" in body and "deepkd train config.yaml" in body
 
 
@@ -64,8 +64,11 @@ def test_summary_cards_give_mean_and_std_over_the_seeds(runs, capsys):
     from pathlib import Path
 
     group = Path(runs[0]).parent
+    (Path(runs[1]) / "README.md").unlink()  # a run finished before deepkd wrote cards gets one
     assert main(["summary", str(group), "--cards"]) == 0
-    assert f"wrote {group.resolve() / 'README.md'}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"wrote {group / 'README.md'}" in err and f"wrote {Path(runs[1]) / 'README.md'}" in err
+    assert (Path(runs[1]) / "README.md").is_file() and f"wrote {Path(runs[0]) / 'README.md'}" not in err
     header, body = split_card((group / "README.md").read_text())
     last = [json.loads((Path(r) / "summary.json").read_text())["last_top1"] for r in runs]
     value, source = table(body)["test top-1, last epoch"]

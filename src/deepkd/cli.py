@@ -1,4 +1,4 @@
-"""The ``deepkd`` command: train, sweep, eval, demo, list, plot, summary, export, predict, profile."""
+"""The ``deepkd`` command: train, sweep, eval, demo, list, plot, summary, export, quantize, predict, profile."""
 from __future__ import annotations
 
 import argparse

@@ -144,16 +144,20 @@ RESULTS_FORMAT = "deepkd-runs/1"  # ``deepkd summary --export``: the per-run rec
 
 def write_cards(groups: Dict[str, List[Dict]]) -> List[Path]:
     """One model card per experiment (:func:`deepkd.train.card.write_group_card`) in the folder its seeds
-    share; experiments read from ``--export`` files (no folders) or of detection are left out."""
-    from deepkd.train.card import write_group_card
+    share, and one in each finished run folder that has none yet (runs finished before deepkd wrote
+    cards); experiments read from ``--export`` files (no folders) or of detection are left out."""
+    from deepkd.train.card import CARD, write_card, write_group_card
 
     written = []
     for runs in groups.values():
         folders = [Path(r["run_dir"]) for r in runs if r["metric"] == "top1" and Path(r["run_dir"]).is_dir()]
         if not folders:
             continue
-        shared = Path(os.path.commonpath([str(f.resolve()) for f in folders]))
-        card = write_group_card(shared.parent if shared in {f.resolve() for f in folders} else shared, folders)
+        written += [write_card(r["run_dir"]) for r in runs if r["run_dir"] and r["finished"]
+                    and Path(r["run_dir"]).is_dir() and not (Path(r["run_dir"]) / CARD).is_file()]
+        shared = Path(os.path.commonpath([str(f.absolute()) for f in folders]))
+        shared = shared.parent if shared in {f.absolute() for f in folders} else shared
+        card = write_group_card(Path(os.path.relpath(shared)) if not folders[0].is_absolute() else shared, folders)
         if card is not None:
             written.append(card)
     return written

@@ -81,11 +81,18 @@ def _finished(run_dir: Path) -> bool:
 
 
 def measure(model: torch.nn.Module, shape: Sequence[int]) -> Dict[str, Any]:
-    """Parameters, MACs, activation memory and CPU latency of ``model`` (on the CPU, torch's threads), and how."""
+    """Parameters, MACs, activation memory and CPU latency of ``model``, and how. Latency runs on one
+    torch thread: a figure that does not depend on the cores the training happened to have, and that
+    other jobs on the machine disturb least."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        latency = {b: latency_ms(model, shape, b, repeats=REPEATS, warmup=WARMUP) for b in BATCH_SIZES}
+    finally:
+        torch.set_num_threads(threads)
     return {"parameters": count_parameters(model), "macs": count_macs(model, shape),
-            "activation_bytes": activation_bytes(model, shape),
-            "latency_ms": {b: latency_ms(model, shape, b, repeats=REPEATS, warmup=WARMUP) for b in BATCH_SIZES},
-            "machine": f"{cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+            "activation_bytes": activation_bytes(model, shape), "latency_ms": latency,
+            "machine": f"{cpu_name()}, 1 torch thread, torch {torch.__version__}",
             "date": datetime.date.today().isoformat()}
 
 
