@@ -12,6 +12,8 @@ from typing import Dict, NamedTuple, Optional
 import torch
 from torch import nn
 
+from deepkd.losses.topk import DynamicTopK
+
 STREAMS = ("task", "target", "non_target")
 
 
@@ -68,12 +70,9 @@ class Method(nn.Module):
 
     def init_topk(self, *, topk: bool, topk_start_fraction: float, topk_ramp_start: Optional[int],
                   topk_ramp_end: Optional[int], topk_count_target: bool, warmup_epochs: float) -> None:
-        """Set ``self.dtm``, the dynamic top-k mask (:class:`~deepkd.losses.common.DynamicTopK`) of a
+        """Set ``self.dtm``, the dynamic top-k mask (:class:`~deepkd.losses.topk.DynamicTopK`) of a
         method that offers one, from that method's ``topk*`` and ``warmup_epochs`` arguments; with
         ``topk=False`` the mask is off (its ``keep`` returns None: plain NCKD)."""
-        # Imported here, not at the top: deepkd.losses.common imports LossTerm from this module.
-        from deepkd.losses.common import DynamicTopK
-
         self.dtm = DynamicTopK(enabled=topk, start_fraction=topk_start_fraction, ramp_start=topk_ramp_start,
                                ramp_end=topk_ramp_end, count_target=topk_count_target, warmup_epochs=warmup_epochs)
 

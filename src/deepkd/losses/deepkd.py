@@ -21,8 +21,6 @@ import torch
 from deepkd.losses import functional as F
 from deepkd.losses.base import LossTerm, Method, warmup_factor
 from deepkd.losses.common import (
-    TOPK_RAMP_END,
-    TOPK_START_FRACTION,
     check_non_negative,
     check_positive,
     cross_entropy_and_mask,
@@ -31,6 +29,7 @@ from deepkd.losses.common import (
 from deepkd.losses.dkd import DKD
 from deepkd.losses.dtkd_dkd import DTKDDKD
 from deepkd.losses.registry import METHODS, register_method
+from deepkd.losses.topk import TOPK_RAMP_END, TOPK_START_FRACTION
 from deepkd.registry import closest
 
 register_method("deepkd_dkd", base="dkd")(DKD)

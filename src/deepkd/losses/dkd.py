@@ -8,14 +8,13 @@ import torch
 from deepkd.losses import functional as F
 from deepkd.losses.base import LossTerm, Method, warmup_factor
 from deepkd.losses.common import (
-    TOPK_RAMP_END,
-    TOPK_START_FRACTION,
     check_non_negative,
     check_positive,
     cross_entropy_and_mask,
     decoupled_terms,
 )
 from deepkd.losses.registry import register_method
+from deepkd.losses.topk import TOPK_RAMP_END, TOPK_START_FRACTION
 
 
 @register_method("dkd")

@@ -46,8 +46,9 @@ from deepkd.losses import _core
 from deepkd.losses import functional as F
 from deepkd.losses import multiview as V
 from deepkd.losses.base import LossTerm, Method, warmup_factor
-from deepkd.losses.common import TOPK_RAMP_END, TOPK_START_FRACTION, check_non_negative, check_positive
+from deepkd.losses.common import check_non_negative, check_positive
 from deepkd.losses.registry import register_method
+from deepkd.losses.topk import TOPK_RAMP_END, TOPK_START_FRACTION
 
 # MLKD's hard-coded temperatures after T0: the strong view's instance terms use T0, 3, 5 and T = 2, 6
 # (the latter from the view chosen by ``strong_t26``).
