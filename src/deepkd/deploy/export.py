@@ -3,7 +3,8 @@
 The file is written beside its final name, read back with its own runtime (ONNX Runtime, the
 TorchScript loader, ``torch.export.load``) and compared with the PyTorch student on real test images
 of the run's dataset, fed in batches of 1, 7 and the rest (so a batch size frozen into the graph
-shows). Only a file within the tolerance replaces the final name; otherwise nothing is written.
+shows). Only a file within the tolerance replaces the final name; otherwise nothing is written. A
+detection run's detector goes to ONNX through :mod:`deepkd.deploy.detection`.
 """
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from deepkd.deploy.detection import export_detector
 from deepkd.deploy.formats import FORMATS
 from deepkd.deploy.metadata import check_input, check_tolerance, verify
-from deepkd.deploy.run import load_run, validation_images
+from deepkd.deploy.run import load_run, read_run_config, validation_images
 from deepkd.errors import ConfigError, ExportError, UnknownNameError
 
 
@@ -28,9 +30,12 @@ def export_run(run_dir: str | Path, format: str = "onnx", out: Optional[str | Pa
         raise UnknownNameError(f"unknown export format {format!r}: choose {', '.join(FORMATS)}")
     if images < 1:
         raise ConfigError(f"images={images}: the parity check needs at least one test image")
-    chosen = FORMATS[format]
+    chosen, out = FORMATS[format], Path(out) if out is not None else None
+    cfg = read_run_config(Path(run_dir))
+    if cfg.detection:
+        return export_detector(cfg, Path(run_dir), format, out, tolerance=tolerance, images=images)
     run = load_run(run_dir)
-    out = Path(out) if out is not None else run.run_dir / chosen.file_name
+    out = out if out is not None else run.run_dir / chosen.file_name
     batch = validation_images(run.cfg, images)
     example = check_input(run.metadata)
     with torch.no_grad():
@@ -73,6 +78,13 @@ def compare(reference: torch.Tensor, logits: torch.Tensor) -> Dict[str, float]:
 
 def format_report(report: Dict[str, Any]) -> str:
     """The lines ``deepkd export`` prints."""
+    if report.get("task") == "detection":
+        return "\n".join([
+            f"exporter: {report['exporter']}",
+            f"parity on {report['images']} validation images of {report['dataset']}, one at a time: the same "
+            f"{report['detections']} detections (count and labels), boxes and scores within "
+            f"{report['max_rel_diff']:.2e} relative (tolerance {report['tolerance']:g})",
+            f"wrote {report['file']} ({report['bytes'] / 1e6:.2f} MB)"])
     agreed = round(report["top1_agreement"] * report["images"])
     return "\n".join([
         f"exporter: {report['exporter']}",

@@ -70,6 +70,10 @@ def from_json(text: str | bytes, source: str) -> Dict[str, Any]:
 def _complete(metadata: Dict[str, Any], source: str) -> Dict[str, Any]:
     needed = ("num_classes", "classes", "input_size", "resize", "crop", "interpolation", "channels", "mean", "std",
               "check")
+    if metadata.get("task") == "detection":
+        raise WeightsError(f"{source!r} is a detector (deepkd export of a detection run): deepkd predict reads "
+                           "classifiers; run it with ONNX Runtime (input images [3, H, W] in [0, 1]; outputs boxes, "
+                           "labels, scores)")
     if not metadata:
         raise WeightsError(f"{source!r} holds no deepkd metadata (class names, input size, normalisation): it was "
                            "not written by deepkd export")

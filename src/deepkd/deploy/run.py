@@ -35,16 +35,21 @@ class RunModel:
     metadata: Dict[str, Any]
 
 
-def load_run(run_dir: str | Path) -> RunModel:
-    """Rebuild the student of a finished classification run folder."""
-    run_dir = Path(run_dir)
+def read_run_config(run_dir: Path) -> RunConfig:
+    """A run folder's ``config.yaml``, or one sentence saying the folder is not a run."""
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise MissingFileError(f"{str(config)!r} does not exist: {str(run_dir)!r} is not a deepkd run folder")
-    cfg = load_config(config)
+    return load_config(config)
+
+
+def load_run(run_dir: str | Path) -> RunModel:
+    """Rebuild the student of a finished classification run folder."""
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
     if cfg.detection:
-        raise ExportError(f"{str(run_dir)!r} is a detection run ({cfg.data.dataset}): exporting and running "
-                          "detection students is not supported yet")
+        raise ExportError(f"{str(run_dir)!r} is a detection run ({cfg.data.dataset}): deepkd export --format onnx "
+                          "writes its detector; predict, quantize and profile take classification runs")
     weights = run_dir / "student.safetensors"
     if not weights.is_file():
         raise MissingFileError(f"{str(weights)!r} does not exist: the run has not finished (train it to the end, "
