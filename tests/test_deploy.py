@@ -388,3 +388,10 @@ def test_predict_pads_fashion_mnist_images_as_its_reader_does(tmp_path):
     border = torch.full((3, 2, 32), (0 - 0.2) / 0.3)
     torch.testing.assert_close(got[:, :2], border)  # the zero-padded border, top and bottom
     torch.testing.assert_close(got[:, 30:], border)
+
+
+def test_the_readme_detector_recipe_loads():
+    from deepkd.train.config import load_config
+
+    cfg = load_config(Path(__file__).parents[1] / "benchmarks" / "deploy" / "tiny_detector.yaml")
+    assert cfg.detection and cfg.student.name == "tiny_fasterrcnn" and cfg.schedule.epochs == 15
