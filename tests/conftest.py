@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepkd.train.config import validate_config
+from deepkd.train.config_errors import validate_config
 
 
 def write_jpeg_tree(root: Path, classes: int = 3, per_class: int = 4, splits=("train", "val"),

@@ -11,7 +11,8 @@ from torch import nn
 from deepkd.optim import DecoupledMomentumSGD, gsnr, stream_grads
 from deepkd.optim import GSNRMomentum as _Rule
 from deepkd.train.checkpoint import load_checkpoint
-from deepkd.train.config import ConfigError, config_to_dict, validate_config
+from deepkd.train.config import ConfigError, config_to_dict
+from deepkd.train.config_errors import validate_config
 from deepkd.train.loop import train
 
 MU, DELTA = 0.9, 0.075

@@ -9,7 +9,9 @@ import torch
 
 from deepkd.errors import ConfigError as DeepKDConfigError
 from deepkd.train import build
-from deepkd.train.config import ConfigError, config_to_dict, is_deepkd_method, load_config, validate_config
+from deepkd.train.config import ConfigError, config_to_dict, load_config
+from deepkd.train.config_errors import validate_config
+from deepkd.train.method_config import is_deepkd_method
 from deepkd.train.recipes import find_recipe, list_recipes, recipes_dir
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import torchvision
 from deepkd.cli import main
 from deepkd.models import create_model, format_model_table, list_models, load_pretrained, model_info, save_weights
 from deepkd.train import build
-from deepkd.train.config import validate_config
+from deepkd.train.config_errors import validate_config
 
 
 def one_sentence(message):

@@ -11,7 +11,8 @@ import torch
 from deepkd.data import build_data
 from deepkd.data import fashion_mnist as fm
 from deepkd.errors import ConfigError, DataError, MissingFileError
-from deepkd.train.config import config_to_dict, validate_config
+from deepkd.train.config import config_to_dict
+from deepkd.train.config_errors import validate_config
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 6, 2
 

@@ -8,7 +8,8 @@ import torch
 from deepkd.cli import main
 from deepkd.data import FolderOptions, build_data
 from deepkd.data import imagefolder as folders
-from deepkd.train.config import ConfigError, validate_config
+from deepkd.train.config import ConfigError
+from deepkd.train.config_errors import validate_config
 
 
 def one_sentence(message):

@@ -27,7 +27,7 @@ from deepkd.cli import main
 from deepkd.errors import RunLockedError, TrainingError
 from deepkd.train import checkpoint
 from deepkd.train.checkpoint import atomic_save, load_checkpoint
-from deepkd.train.config import validate_config
+from deepkd.train.config_errors import validate_config
 from deepkd.train.lock import LOCK_NAME, acquire_run_lock
 from deepkd.train.loop import train
 

@@ -11,7 +11,7 @@ from deepkd.data import randaugment as ra
 from deepkd.data.device_loader import STRONG, STRONG_RA, _generator
 from deepkd.errors import ConfigError
 from deepkd.train.checkpoint import load_checkpoint
-from deepkd.train.config import validate_config
+from deepkd.train.config_errors import validate_config
 from deepkd.train.loop import forward_views, train
 
 SYNTHETIC = dict(batch_size=16, eval_batch_size=32, seed=5, synthetic_train=40, synthetic_test=16)

@@ -26,7 +26,7 @@ import yaml
 
 from deepkd.commands.plots import plot_comparison
 from deepkd.errors import RunExistsError, TrainingError
-from deepkd.train.config import validate_config
+from deepkd.train.config_errors import validate_config
 from deepkd.train.loop import train
 
 # The first study's setting (docs/study/STUDY_v1.md; benchmarks/study/*.yaml): trained long enough that the student

@@ -1,6 +1,6 @@
 """``deepkd train`` and ``deepkd eval`` of a detection config (``data.dataset: coco | synthetic_coco``).
 
-The only place that turns a detection :class:`deepkd.train.config.RunConfig` into objects: COCO (or
+The only place that turns a detection :class:`deepkd.train.run_config.RunConfig` into objects: COCO (or
 the synthetic set) loaders, the detectors of :func:`deepkd.detection.create_detector`, the method
 and optimizer of :mod:`deepkd.train.build`, and the iteration schedule; then
 :func:`deepkd.detection.train_detector` runs them under the run folder's lock, as classification
@@ -28,9 +28,10 @@ from deepkd.detection.synthetic import write_synthetic_coco
 from deepkd.errors import ConfigError, MissingFileError
 from deepkd.models import load_weights
 from deepkd.train import build
-from deepkd.train.config import ModelConfig, RunConfig, save_config
+from deepkd.train.config import save_config
 from deepkd.train.distributed import Dist, init_distributed, shutdown_distributed
 from deepkd.train.logs import Progress
+from deepkd.train.run_config import ModelConfig, RunConfig
 from deepkd.train.run_folder import claim_run_folder
 
 COCO_NUM_CLASSES = 91  # torchvision's layout: category ids as labels, background 0

@@ -1,8 +1,8 @@
 """The recipe side of ``optimizer.stream_momentum: auto`` (:mod:`deepkd.optim.auto_momentum`).
 
-Kept out of :mod:`deepkd.train.config` (at its size limit): the ``auto_momentum`` section and the
-checks that :class:`deepkd.train.config.DecoupledConfig` inherits from :class:`AutoMomentumChecks`.
-Defaults are :class:`deepkd.optim.GSNRMomentum`'s signature, the one place they are stated.
+The ``auto_momentum`` section and the checks that :class:`deepkd.train.optim_config.DecoupledConfig`
+inherits from :class:`AutoMomentumChecks`. Defaults are :class:`deepkd.optim.GSNRMomentum`'s
+signature, the one place they are stated.
 """
 from __future__ import annotations
 

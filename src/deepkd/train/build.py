@@ -16,16 +16,10 @@ from deepkd.models import create_model, load_pretrained
 from deepkd.models.ecosystem import data_config
 from deepkd.models.teachers import find_teacher, missing_teacher_message
 from deepkd.optim import DecoupledMomentumSGD, GSNRMomentum, cosine_lr, step_lr
-from deepkd.train.config import (
-    FASHION_MNIST_KEYS,
-    FOLDER_KEYS,
-    MethodConfig,
-    ModelConfig,
-    OptimizerConfig,
-    RunConfig,
-    ScheduleConfig,
-    method_views,
-)
+from deepkd.train.data_config import FASHION_MNIST_KEYS, FOLDER_KEYS
+from deepkd.train.method_config import MethodConfig, method_views
+from deepkd.train.optim_config import OptimizerConfig, ScheduleConfig
+from deepkd.train.run_config import ModelConfig, RunConfig
 
 
 def build_device(name: str) -> torch.device:

@@ -1,20 +1,24 @@
-"""The classification ``data`` section of a recipe: which dataset, its loaders, and only the keys
-that dataset reads (:data:`DATASET_KEYS`); defaults are :func:`deepkd.data.build_data`'s signature.
-
-Split from :mod:`deepkd.train.config` (which imports every name back, so
-``from deepkd.train.config import DataConfig`` keeps working).
+"""The ``data`` section of a recipe: classification (:class:`DataConfig`, only the keys its dataset
+reads, :data:`DATASET_KEYS`; defaults are :func:`deepkd.data.build_data`'s signature), detection
+(:class:`DetectionDataConfig`, ``dataset: coco | synthetic_coco``), and :data:`AnyDataConfig`, which
+picks one of the two by ``dataset``.
 """
 from __future__ import annotations
 
-from typing import Any, List, Literal, Optional, Tuple, Union
+from typing import Annotated, Any, List, Literal, Optional, Tuple, Union
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from deepkd.data import build_data, check_resize
 from deepkd.data.fashion_mnist import check_image_size
+from deepkd.detection.coco import CocoDetection, DetectionLoader
+from deepkd.detection.download import prepare_coco
+from deepkd.detection.synthetic import write_synthetic_coco
 from deepkd.train.schema import _default, _Strict, check_used_keys
 
-__all__ = ["COMMON_DATA_KEYS", "DATASET_KEYS", "FASHION_MNIST_KEYS", "FOLDER_KEYS", "DataConfig", "SyntheticConfig"]
+__all__ = ["COMMON_DATA_KEYS", "COMMON_DETECTION_KEYS", "DATASET_KEYS", "DETECTION_DATASET_KEYS", "FASHION_MNIST_KEYS",
+           "FOLDER_KEYS", "AnyDataConfig", "DataConfig", "DetectionDataConfig", "DetectionSyntheticConfig",
+           "SyntheticConfig"]
 
 
 class SyntheticConfig(_Strict):
@@ -96,3 +100,55 @@ class DataConfig(_Strict):
         if self.train_per_class is None and self.subset_seed != _default(build_data, "subset_seed"):
             raise ValueError(f"data.subset_seed {self.subset_seed} picks the train_per_class subset, but "
                              "data.train_per_class is unset: set it or remove data.subset_seed")
+
+
+# -- detection data -----------------------------------------------------------------------------------
+class DetectionSyntheticConfig(_Strict):
+    """The offline synthetic COCO-format shapes (``data.dataset: synthetic_coco``,
+    :func:`deepkd.detection.write_synthetic_coco`), written under ``data.root`` when missing."""
+
+    num_train: int = Field(96, gt=0)
+    num_val: int = Field(48, gt=0)
+    image_size: int = Field(_default(write_synthetic_coco, "size"), gt=0)
+    seed: int = _default(write_synthetic_coco, "seed")
+
+
+DETECTION_DATASET_KEYS = {"coco": ("root", "download"), "synthetic_coco": ("root", "synthetic")}
+COMMON_DETECTION_KEYS = ("dataset", "batch_size", "eval_batch_size", "num_workers", "flip", "min_size", "max_size")
+
+
+class DetectionDataConfig(_Strict):
+    """Detection data (``data.dataset: coco | synthetic_coco``): loaders of
+    :class:`deepkd.detection.DetectionLoader`, and the detectors' input scale. ``min_size``: the
+    shorter sides drawn per training batch (multi-scale); the test uses its last entry, as torchvision's
+    ``GeneralizedRCNNTransform`` does. ``eval_batch_size`` null: ``batch_size``. ``root`` null:
+    ``$DEEPKD_DATA`` or ``~/.cache/deepkd`` (COCO in ``<root>/coco``, the synthetic set in
+    ``<root>/synthetic_coco``)."""
+
+    dataset: Literal[tuple(DETECTION_DATASET_KEYS)]
+    root: Optional[str] = None
+    download: bool = _default(prepare_coco, "download")
+    batch_size: int = Field(8, gt=0)
+    eval_batch_size: Optional[int] = Field(None, gt=0)
+    num_workers: int = Field(_default(DetectionLoader, "workers"), ge=0)
+    flip: float = Field(_default(CocoDetection, "flip"), ge=0, le=1)
+    min_size: List[int] = Field([800], min_length=1)
+    max_size: int = Field(1333, gt=0)
+    synthetic: DetectionSyntheticConfig = DetectionSyntheticConfig()
+
+    def used_keys(self) -> Tuple[str, ...]:
+        return COMMON_DETECTION_KEYS + DETECTION_DATASET_KEYS[self.dataset]
+
+    @model_validator(mode="after")
+    def _check_used(self) -> "DetectionDataConfig":
+        check_used_keys(self, DETECTION_DATASET_KEYS)
+        return self
+
+
+def _data_tag(value: Any) -> str:
+    dataset = value.get("dataset") if isinstance(value, dict) else getattr(value, "dataset", None)
+    return "detection" if dataset in DETECTION_DATASET_KEYS else "classification"
+
+
+AnyDataConfig = Annotated[Union[Annotated[DataConfig, Tag("classification")],
+                                Annotated[DetectionDataConfig, Tag("detection")]], Discriminator(_data_tag)]

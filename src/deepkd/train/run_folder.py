@@ -17,8 +17,9 @@ import yaml
 
 from deepkd.errors import MissingFileError, RunExistsError
 from deepkd.train.checkpoint import load_checkpoint, remove_stale_temporaries
-from deepkd.train.config import RunConfig, check_resume
+from deepkd.train.config import check_resume
 from deepkd.train.lock import acquire_run_lock
+from deepkd.train.run_config import RunConfig
 
 
 def run_directory(cfg: RunConfig) -> Path:

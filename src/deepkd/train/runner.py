@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from deepkd.errors import ConfigError
-from deepkd.train.config import RunConfig, apply_overrides, check_resume, load_config, validate_config
+from deepkd.train.config import apply_overrides, check_resume, load_config
+from deepkd.train.config_errors import validate_config
 from deepkd.train.loop import train
+from deepkd.train.run_config import RunConfig
 from deepkd.train.run_folder import run_directory, stored_config
 
 

@@ -1,8 +1,9 @@
 """The generic pieces of the strict config schema: defaults read from a builder's signature, the
 strict base model, and a section whose ``name`` picks its model.
 
-Kept apart from :mod:`deepkd.train.config` so its sections can live in their own modules
-(:mod:`deepkd.train.data_config`) without an import circle: this module imports nothing of deepkd.
+Kept apart so that each section can live in its own module (:mod:`deepkd.train.data_config`,
+:mod:`deepkd.train.optim_config`, :mod:`deepkd.train.run_config`) without an import circle: this
+module imports nothing of deepkd.
 """
 from __future__ import annotations
 

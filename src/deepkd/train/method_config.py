@@ -1,0 +1,94 @@
+"""The ``method`` section of a recipe: the method's ``name`` and its own keyword arguments, checked
+against the method builder's signature (whose defaults are the method's), and what the registry
+says of a method (:func:`method_needs_teacher`, :func:`method_views`, :func:`is_deepkd_method`).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Dict
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from deepkd.registry import closest
+
+__all__ = ["MethodConfig", "is_deepkd_method", "method_needs_teacher", "method_views"]
+
+
+def _method_builder(name: str) -> Callable:
+    from deepkd.losses import registry
+
+    try:
+        return registry.METHODS.get(name)
+    except KeyError as err:
+        raise ValueError(str(err).strip('"')) from None
+
+
+def method_needs_teacher(name: str) -> bool:
+    """Registry metadata ``needs_teacher``, else the Method class attribute (a builder function: True)."""
+    from deepkd.losses import registry
+
+    builder = _method_builder(name)
+    return registry.METHODS.info(name).get("needs_teacher", getattr(builder, "needs_teacher", True))
+
+
+def method_views(name: str) -> int:
+    """Views per training image the method takes: 2 for MLKD/CRLD (weak, strong), else 1."""
+    from deepkd.losses import registry
+
+    return registry.METHODS.info(name).get("views", getattr(_method_builder(name), "views", 1))
+
+
+def is_deepkd_method(name: str) -> bool:
+    """A DeepKD method: registered with its ``base`` method, or taking the base as an argument."""
+    from deepkd.losses import registry
+
+    return "base" in registry.METHODS.info(name) or "base" in inspect.signature(_method_builder(name)).parameters
+
+
+class MethodConfig(BaseModel):
+    """``name`` plus the method's own keyword arguments, checked against its builder signature.
+
+    The dynamic top-k mask's ``topk_*`` arguments need ``topk: true``, and ``topk: true`` needs an
+    explicit ``topk_ramp_end`` (the epoch from which NCKD keeps every class; no default fits every
+    schedule).
+    """
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "ce"
+
+    @model_validator(mode="after")
+    def _check_arguments(self) -> "MethodConfig":
+        params = inspect.signature(_method_builder(self.name)).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        valid = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        for key in self.arguments():
+            if not takes_any and key not in valid:
+                hint = closest(key, valid + ["name"])
+                near = f"; did you mean {hint[0]!r}?" if hint else ""
+                raise ValueError(f"method {self.name!r} has no argument {key!r}{near}")
+        self._check_topk()
+        return self
+
+    def _check_topk(self) -> None:
+        arguments, defaults = self.arguments(), _signature_defaults(self.name)
+        if arguments.get("topk"):
+            if arguments.get("topk_ramp_end") is None:
+                raise ValueError("topk is on but topk_ramp_end is not set: give the epoch from which "
+                                 "NCKD keeps every class (deepkd's choice: the first LR decay, e.g. 150 on CIFAR-100)")
+            return
+        ramp = [k for k in arguments if k.startswith("topk_") and arguments[k] != defaults.get(k)]
+        if ramp:
+            raise ValueError(f"{ramp[0]} is set but topk is off: set method.topk: true or remove it")
+
+    def arguments(self) -> Dict[str, Any]:
+        """The keyword arguments passed to the method builder."""
+        return dict(self.model_extra or {})
+
+    def resolved_arguments(self) -> Dict[str, Any]:
+        """The builder's named arguments with their signature defaults, overridden by the recipe's."""
+        return {**_signature_defaults(self.name), **self.arguments()}
+
+
+def _signature_defaults(name: str) -> Dict[str, Any]:
+    params = inspect.signature(_method_builder(name)).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
