@@ -87,7 +87,8 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 class ShuffleV1Block(nn.Module):
-    """Grouped 1x1 - shuffle - dw 3x3 - grouped 1x1; stride 2 concatenates an avg-pooled shortcut."""
+    """Grouped 1x1 - shuffle - dw 3x3 - grouped 1x1; stride 2 concatenates an avg-pooled shortcut.
+    ``preact`` (an ``nn.Identity``) marks the tensor before the last ReLU for feature hooks."""
 
     def __init__(self, cin: int, cout: int, stride: int, groups: int):
         super().__init__()
@@ -100,14 +101,15 @@ class ShuffleV1Block(nn.Module):
         self.bn2 = nn.BatchNorm2d(mid)
         self.conv3 = nn.Conv2d(mid, cout, 1, groups=groups, bias=False)
         self.bn3 = nn.BatchNorm2d(cout)
+        self.preact = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = channel_shuffle(F.relu(self.bn1(self.conv1(x))), self.first_groups)
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         if self.stride == 2:
-            return F.relu(torch.cat([out, F.avg_pool2d(x, 3, stride=2, padding=1)], 1))
-        return F.relu(out + x)
+            return F.relu(self.preact(torch.cat([out, F.avg_pool2d(x, 3, stride=2, padding=1)], 1)))
+        return F.relu(self.preact(out + x))
 
 
 class ShuffleNetV1(nn.Module):

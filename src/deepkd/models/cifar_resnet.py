@@ -33,7 +33,11 @@ def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 
 class BasicBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN, plus the identity or a 1x1 conv-BN ``downsample``, then ReLU."""
+    """conv3x3-BN-ReLU-conv3x3-BN, plus the identity or a 1x1 conv-BN ``downsample``, then ReLU.
+
+    ``preact`` (an ``nn.Identity``, no parameters) marks the sum before the last ReLU, the
+    pre-activation feature that :mod:`deepkd.models.features` hooks (OFD, ReviewKD).
+    """
 
     def __init__(self, cin: int, cout: int, stride: int = 1, shortcut_name: str = "downsample"):
         super().__init__()
@@ -44,15 +48,17 @@ class BasicBlock(nn.Module):
         self.shortcut_name = shortcut_name
         needs = stride != 1 or cin != cout
         setattr(self, shortcut_name, _conv_bn(cin, cout, stride) if needs else nn.Sequential())
+        self.preact = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + getattr(self, self.shortcut_name)(x))
+        return F.relu(self.preact(out + getattr(self, self.shortcut_name)(x)))
 
 
 class Bottleneck(nn.Module):
-    """1x1-3x3-1x1 bottleneck with expansion 4 (CIFAR ResNet50), shortcut named ``shortcut``."""
+    """1x1-3x3-1x1 bottleneck with expansion 4 (CIFAR ResNet50), shortcut named ``shortcut``; ``preact``
+    as in :class:`BasicBlock`."""
 
     expansion = 4
 
@@ -66,12 +72,13 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(cout)
         self.shortcut = _conv_bn(cin, cout, stride) if stride != 1 or cin != cout else nn.Sequential()
+        self.preact = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(self.preact(out + self.shortcut(x)))
 
 
 class CifarResNet(nn.Module):
