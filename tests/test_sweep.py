@@ -72,6 +72,9 @@ def test_grid_runs_manifest_and_summary(grid, capsys):
     assert all(r["runs"] == 2 and r["finished"] == 2 for r in rows)
     best = rows[0]["best_top1"]
     assert best["ci95"] == pytest.approx(t_quantile(0.975, 1) * best["std"] / math.sqrt(2))
+    for config in CONFIGS:  # the sweep wrote a model card per configuration, over its two seeds
+        card = (out / config / "README.md").read_text()
+        assert card.startswith("---\n") and "(n=2)" in card and "seeds 0, 1" in card
 
 
 def test_rerun_skips_finished_runs(grid, capsys):

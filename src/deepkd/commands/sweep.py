@@ -379,4 +379,18 @@ def run_sweep(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Unio
             stream.write(f"{run.key} failed: see {run.log}\n")
     if signals:
         raise KeyboardInterrupt
+    _group_cards(runs, stream)
     return {run.key: run.state for run in runs}
+
+
+def _group_cards(runs: Sequence[SweepRun], stream) -> None:
+    """A model card per configuration whose seeds all finished: top-1 mean +- std over them
+    (:func:`deepkd.commands.summary.write_cards`, as ``deepkd summary --cards``)."""
+    from deepkd.commands.summary import collect, write_cards
+
+    configs: Dict[str, List[SweepRun]] = {}
+    for run in runs:
+        configs.setdefault(run.config, []).append(run)
+    done = [r.run_dir for group in configs.values() if all(r.state == "finished" for r in group) for r in group]
+    for card in write_cards(collect(done)) if done else []:
+        stream.write(f"wrote {card}\n")
