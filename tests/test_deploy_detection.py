@@ -82,3 +82,27 @@ def test_the_readme_detector_recipe_loads():
 
     cfg = load_config(Path(__file__).parents[1] / "benchmarks" / "deploy" / "tiny_detector.yaml")
     assert cfg.detection and cfg.student.name == "tiny_fasterrcnn" and cfg.schedule.epochs == 15
+
+
+def test_a_finished_detection_run_holds_its_model_card(detection_run):
+    from huggingface_hub import ModelCard
+    from test_card import split_card, table
+
+    from deepkd.detection.models import create_detector
+    from deepkd.models import extract_state_dict, load_weights, read_weights
+
+    summary = json.loads((detection_run / "summary.json").read_text())
+    card = ModelCard.load(detection_run / "README.md")
+    results = {r.metric_name: (r.metric_type, r.metric_value) for r in card.data.eval_results}
+    assert results == {"box AP (last epoch)": ("mAP", round(summary["last"]["AP"], 2)),
+                       "box AP (best epoch)": ("mAP", round(summary["best_AP"], 2))}
+    assert card.data.pipeline_tag == "object-detection"
+    header, body = split_card((detection_run / "README.md").read_text())
+    rows = table(body)
+    assert all(source for _, source in rows.values()) and rows["data"][0].endswith("input 3x128x128")
+    assert "CPU latency, batch 1" in rows and "CPU latency, batch 32" not in rows
+    hub = json.loads((detection_run / "config.json").read_text())
+    model = create_detector(hub["architecture"], hub["num_classes"], min_size=(128,), max_size=128)
+    load_weights(model, detection_run / "model.safetensors")
+    best = extract_state_dict(read_weights(detection_run / "best.pt"))
+    assert all(torch.equal(value, best[key]) for key, value in model.state_dict().items())

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from deepkd.data.cifar import default_root
+from deepkd.detection.card import write_detection_card
 from deepkd.detection.coco import CocoDetection, DetectionLoader
 from deepkd.detection.download import coco_paths, prepare_coco
 from deepkd.detection.evaluate import coco_evaluate
@@ -113,12 +114,15 @@ def train_detection(cfg: RunConfig, *, resume: bool = False, run_dir: Optional[s
             device = torch.device("cuda", ctx.local_rank)
             torch.cuda.set_device(device)
         try:
-            return train_detector(**_objects(cfg, device, ctx), epochs=cfg.schedule.epochs, device=device,
+            summary = train_detector(**_objects(cfg, device, ctx), epochs=cfg.schedule.epochs, device=device,
                                   run_dir=run_dir, seed=cfg.seed, ctx=ctx, precision=cfg.train.precision,
                                   resume=resuming, checkpoint_every=cfg.train.checkpoint_every,
                                   stop_after_steps=cfg.train.stop_after_steps or None,
                                   max_steps=cfg.schedule.max_iterations,
                                   progress=Progress(cfg.train.progress, cfg.train.log_every, enabled=ctx.is_main))
+            if ctx.is_main and summary["status"] == "finished":
+                write_detection_card(cfg, run_dir, summary)  # README.md, config.json, model.safetensors
+            return summary
         finally:
             shutdown_distributed(ctx)
 

@@ -50,7 +50,8 @@ def write_card(run_dir: str | Path) -> Path:
            "id2label": dict(enumerate(facts["classes"] or map(str, range(facts["num_classes"])))),
            "input_size": list(shape), "mean": facts["mean"], "std": facts["std"], "deepkd": config_to_dict(cfg)}
     _write(run_dir / HUB_CONFIG, json.dumps(hub, indent=1))
-    card = render(_subject(cfg, facts, shape), [summary], cost, code_of(run_dir / "config.yaml"),
+    result = {"last": summary["last_top1"], "best": summary["best_top1"], "seed": cfg.seed, "run_dir": str(run_dir)}
+    card = render(_subject(cfg, facts["num_classes"], shape), [result], cost, code_of(run_dir / "config.yaml"),
                   teacher_top1=_teacher_top1(run_dir))
     return _write(run_dir / CARD, card)
 
@@ -68,8 +69,10 @@ def write_group_card(folder: str | Path, run_dirs: Sequence[str | Path]) -> Opti
     shape = (cfg.data.channels if cfg.data.dataset == "fashion_mnist" else 3, facts["input_size"], facts["input_size"])
     model = create_model(cfg.student.name, num_classes=facts["num_classes"])
     load_weights(model, first / "student.safetensors")
-    summaries = [dict(json.loads((d / "summary.json").read_text()), run_dir=str(d)) for d in finished]
-    card = render(_subject(cfg, facts, shape), summaries, measure(model.eval(), shape),
+    summaries = [json.loads((d / "summary.json").read_text()) for d in finished]
+    results = [{"last": s["last_top1"], "best": s["best_top1"], "seed": s["seed"], "run_dir": str(d)}
+               for s, d in zip(summaries, finished)]
+    card = render(_subject(cfg, facts["num_classes"], shape), results, measure(model.eval(), shape),
                   code_of(first / "config.yaml"), folder=Path(folder))
     return _write(Path(folder) / CARD, card)
 
@@ -80,14 +83,14 @@ def _finished(run_dir: Path) -> bool:
         (run_dir / "student.safetensors").is_file()
 
 
-def measure(model: torch.nn.Module, shape: Sequence[int]) -> Dict[str, Any]:
+def measure(model: torch.nn.Module, shape: Sequence[int], batch_sizes: Sequence[int] = BATCH_SIZES) -> Dict[str, Any]:
     """Parameters, MACs, activation memory and CPU latency of ``model``, and how. Latency runs on one
     torch thread: a figure that does not depend on the cores the training happened to have, and that
     other jobs on the machine disturb least."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        latency = {b: latency_ms(model, shape, b, repeats=REPEATS, warmup=WARMUP) for b in BATCH_SIZES}
+        latency = {b: latency_ms(model, shape, b, repeats=REPEATS, warmup=WARMUP) for b in batch_sizes}
     finally:
         torch.set_num_threads(threads)
     return {"parameters": count_parameters(model), "macs": count_macs(model, shape),
@@ -96,12 +99,18 @@ def measure(model: torch.nn.Module, shape: Sequence[int]) -> Dict[str, Any]:
             "date": datetime.date.today().isoformat()}
 
 
-def _subject(cfg, facts: Dict[str, Any], shape: Sequence[int]) -> Dict[str, Any]:
+CLASSIFICATION = {"task": "image-classification", "metric": "test top-1", "type": "accuracy", "split": "test",
+                  "last_key": "`last_top1`", "best_key": "`best_top1` (chosen on the test split: optimistic)"}
+
+
+def _subject(cfg, classes: int, shape: Sequence[int], kind: Dict[str, str] = CLASSIFICATION) -> Dict[str, Any]:
+    """What the card describes: the run's models, method, data and training, and ``kind`` (the task, its
+    metric and where summary.json keeps it)."""
     method = {k: v for k, v in cfg.method.model_dump().items() if k != "name"}
     return {"experiment": cfg.experiment, "student": cfg.student.name, "method": cfg.method.name,
             "method_keys": method, "teacher": cfg.teacher.name if cfg.teacher else None, "dataset": cfg.data.dataset,
-            "classes": facts["num_classes"], "input": "x".join(map(str, shape)), "epochs": cfg.schedule.epochs,
-            "lr": cfg.optimizer.lr, "optimizer": cfg.optimizer.name}
+            "classes": classes, "input": "x".join(map(str, shape)), "epochs": cfg.schedule.epochs,
+            "lr": cfg.optimizer.lr, "optimizer": cfg.optimizer.name, **kind}
 
 
 def _teacher_top1(run_dir: Path) -> Optional[float]:
@@ -111,16 +120,17 @@ def _teacher_top1(run_dir: Path) -> Optional[float]:
 
 def front_matter(subject: Dict[str, Any], name: str, last: float, best: float) -> Dict[str, Any]:
     """The card's YAML header (the Hugging Face model-card fields)."""
-    tags = ["deepkd", "image-classification", subject["method"], subject["student"]]
+    task, kind = subject["task"], subject["type"]
+    tags = ["deepkd", task, subject["method"], subject["student"]]
     if subject["teacher"]:
         tags.insert(1, "knowledge-distillation")
-    dataset = {"name": subject["dataset"], "type": subject["dataset"], "split": "test"}
-    metrics = [{"type": "accuracy", "name": "top-1 (last epoch)", "value": round(last, 2)},
-               {"type": "accuracy", "name": "top-1 (best epoch)", "value": round(best, 2)}]
-    return {"library_name": "deepkd", "pipeline_tag": "image-classification", "tags": tags,
-            "datasets": [subject["dataset"]], "metrics": ["accuracy"],
-            "model-index": [{"name": name, "results": [{"task": {"type": "image-classification"},
-                                                        "dataset": dataset, "metrics": metrics}]}]}
+    dataset = {"name": subject["dataset"], "type": subject["dataset"], "split": subject["split"]}
+    metric = subject["metric"].split(" ", 1)[-1]  # "top-1", "box AP"
+    metrics = [{"type": kind, "name": f"{metric} (last epoch)", "value": round(last, 2)},
+               {"type": kind, "name": f"{metric} (best epoch)", "value": round(best, 2)}]
+    return {"library_name": "deepkd", "pipeline_tag": task, "tags": tags, "datasets": [subject["dataset"]],
+            "metrics": [kind], "model-index": [{"name": name, "results": [{"task": {"type": task},
+                                                                           "dataset": dataset, "metrics": metrics}]}]}
 
 
 def _mean_std(values: List[float]) -> str:
@@ -145,8 +155,8 @@ def render(subject: Dict[str, Any], summaries: List[Dict[str, Any]], cost: Dict[
            teacher_top1: Optional[float] = None, folder: Optional[Path] = None) -> str:
     """The card: YAML front matter, then a table whose every row names its source."""
     group = folder is not None
-    last = [s["last_top1"] for s in summaries]
-    best = [s["best_top1"] for s in summaries]
+    last = [s["last"] for s in summaries]
+    best = [s["best"] for s in summaries]
     seeds = ", ".join(str(s["seed"]) for s in summaries)
     name = subject["experiment"] + ("" if group else f"/seed{summaries[0]['seed']}")
     header = yaml.safe_dump(front_matter(subject, name, statistics.fmean(last), statistics.fmean(best)),
@@ -162,11 +172,12 @@ def render(subject: Dict[str, Any], summaries: List[Dict[str, Any]], cost: Dict[
         ("teacher", teacher, "config.yaml `teacher.name`"),
         ("method", f"{subject['method']} ({method})", "config.yaml `method`"),
         ("data", f"{subject['dataset']}, {subject['classes']} classes, input {subject['input']}",
-         "config.yaml `data`, data.json"),
+         "config.yaml `data`" + (", data.json" if subject["task"] == "image-classification" else "")),
         ("training", f"{subject['epochs']} epochs, {subject['optimizer']} lr {subject['lr']:g}",
          "config.yaml `schedule`, `optimizer`"),
-        ("test top-1, last epoch", _mean_std(last), f"{source} `last_top1`" + (f", seeds {seeds}" if group else "")),
-        ("test top-1, best epoch", _mean_std(best), f"{source} `best_top1` (chosen on the test split: optimistic)"),
+        (f"{subject['metric']}, last epoch", _mean_std(last),
+         f"{source} {subject['last_key']}" + (f", seeds {seeds}" if group else "")),
+        (f"{subject['metric']}, best epoch", _mean_std(best), f"{source} {subject['best_key']}"),
         ("parameters", f"{cost['parameters']:,}", "counted on the student's tensors" +
          (f" (seed {summaries[0]['seed']})" if group else "")),
         ("MACs, one image", f"{cost['macs']:,}", "torch FlopCounterMode (FLOPs / 2)"),
@@ -185,14 +196,17 @@ def render(subject: Dict[str, Any], summaries: List[Dict[str, Any]], cost: Dict[
 def _usage(subject: Dict[str, Any], summaries: List[Dict[str, Any]], group: Optional[Path],
            code: Dict[str, Any]) -> List[str]:
     where = "." if not group else os.path.relpath(summaries[0]["run_dir"], group)
-    commands = [(f"deepkd predict {where} image.png", "class probabilities"),
-                (f"deepkd export {where} --format onnx", "ONNX, checked against PyTorch"),
-                (f"deepkd quantize {where}", "int8 ONNX, top-1 before and after")]
+    if subject["task"] == "image-classification":
+        commands = [(f"deepkd predict {where} image.png", "class probabilities"),
+                    (f"deepkd export {where} --format onnx", "ONNX, checked against PyTorch"),
+                    (f"deepkd quantize {where}", "int8 ONNX, top-1 before and after")]
+        build = f"`deepkd.models.create_model(\"{subject['student']}\", num_classes={subject['classes']})`"
+    else:
+        commands = [(f"deepkd export {where} --format onnx", "ONNX detector, checked against PyTorch")]
+        build = f"`deepkd.detection.create_detector(\"{subject['student']}\", {subject['classes']})`"
     width = max(len(c) for c, _ in commands) + 2
     lines = ["## Use", "", "```", *[f"{c.ljust(width)}# {what}" for c, what in commands], "```", "",
-             "In Python: `deepkd.models.create_model(\"%s\", num_classes=%d)` and "
-             "`deepkd.models.load_weights(model, \"%s\")`." % (subject["student"], subject["classes"],
-                                                              os.path.join(where, HUB_WEIGHTS)),
+             f"In Python: {build} and `deepkd.models.load_weights(model, \"{os.path.join(where, HUB_WEIGHTS)}\")`.",
              "", "## Reproduce", ""]
     if group:
         lines += [f"Seeds: {', '.join(str(s['seed']) for s in summaries)}, in "
