@@ -47,12 +47,7 @@ def export_detector(cfg, run_dir: Path, format: str, out: Optional[Path], *, tol
     model.eval()
     batch = _validation_images(val_loader, images)
     out = out if out is not None else run_dir / "detector.onnx"
-    metadata = {"deepkd_version": __version__, "task": "detection", "experiment": cfg.experiment, "seed": cfg.seed,
-                "method": cfg.method.name, "student": cfg.student.name, "dataset": cfg.data.dataset,
-                "weights": weights.name, "num_classes": num_classes,
-                "classes": {str(c["id"]): c["name"] for c in coco.loadCats(coco.getCatIds())},
-                "min_size": list(cfg.data.min_size), "max_size": cfg.data.max_size, "input": "one image [3, H, W], "
-                "float pixels in [0, 1], RGB"}
+    metadata = _metadata(cfg, weights, coco, num_classes)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
     try:
@@ -71,6 +66,16 @@ def export_detector(cfg, run_dir: Path, format: str, out: Optional[Path], *, tol
     return {"file": str(out), "format": "onnx", "task": "detection", "exporter": f"torchscript (opset {OPSET})",
             "dataset": cfg.data.dataset, "images": len(batch), "max_rel_diff": parity["max_rel_diff"],
             "detections": parity["detections"], "tolerance": tolerance, "bytes": out.stat().st_size}
+
+
+def _metadata(cfg, weights: Path, coco, num_classes: int) -> Dict[str, Any]:
+    """What the ONNX file says about itself (``deepkd.<key>`` properties)."""
+    return {"deepkd_version": __version__, "task": "detection", "experiment": cfg.experiment, "seed": cfg.seed,
+            "method": cfg.method.name, "student": cfg.student.name, "dataset": cfg.data.dataset,
+            "weights": weights.name, "num_classes": num_classes,
+            "classes": {str(c["id"]): c["name"] for c in coco.loadCats(coco.getCatIds())},
+            "min_size": list(cfg.data.min_size), "max_size": cfg.data.max_size,
+            "input": "one image [3, H, W], float pixels in [0, 1], RGB"}
 
 
 def _validation_images(loader, count: int) -> List[torch.Tensor]:
