@@ -1,4 +1,6 @@
-"""``build_*``: turn config sections into objects (the only place that reads config objects)."""
+"""``build_*``: turn a classification run's config sections into the objects it needs: data, models,
+method, optimizer and schedule (the loop and the model card read a few plain values themselves:
+epochs, names, the train section)."""
 from __future__ import annotations
 
 import math
