@@ -69,3 +69,35 @@ def assert_same(ours, theirs, student):
     grad_ours, = torch.autograd.grad(ours, student, retain_graph=True)
     grad_theirs, = torch.autograd.grad(theirs, student, retain_graph=True)
     torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-6, atol=1e-9)
+
+
+COLOURS = {"blue": (30, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
+
+
+def write_colours(root: Path, per_class: dict, seed: int = 0) -> Path:
+    """``root/<split>/<colour>/<i>.png``: noisy solid colours of random sizes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in per_class.items():
+        for name, rgb in COLOURS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                height, width = rng.integers(24, 60, 2)
+                pixels = np.clip(np.array(rgb) + rng.integers(-25, 26, (height, width, 3)), 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def colour_run(tmp_path_factory):
+    """A 3-class image folder of solid colours that cnn_w4 learns in 3 epochs (9 steps); 66 test images."""
+    tmp = tmp_path_factory.mktemp("colours")
+    root = write_colours(tmp / "data", {"train": 8, "val": 22})  # 66 test images
+    cfg = tiny_config(tmp, experiment="colours", seed=0, schedule__epochs=3, schedule__milestones=[10],
+                      data={"dataset": "imagefolder", "root": str(root), "image_size": 32, "crop": "pad_crop",
+                            "batch_size": 8, "num_workers": 0})
+    from deepkd.train.loop import train
+
+    return Path(train(cfg)["run_dir"])

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import COLOURS, tiny_config, write_colours
 from torch import nn
 
 from deepkd.cli import main
@@ -21,7 +21,6 @@ from deepkd.train.config import save_config
 from deepkd.train.config_errors import validate_config
 
 FORMATS = ("onnx", "torchscript", "pt2")
-COLOURS = {"blue": (30, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
 
 
 def one_sentence(message):
@@ -39,33 +38,6 @@ def synthetic_run(tmp_path_factory):
     """One epoch (2 steps) of cnn_w4 on the synthetic set: 64 test images, 100 classes."""
     tmp = tmp_path_factory.mktemp("synthetic")
     return _train(tiny_config(tmp, schedule__epochs=1, data__synthetic={"num_train": 64, "num_test": 64}))
-
-
-def write_colours(root: Path, per_class: dict, seed: int = 0) -> Path:
-    """``root/<split>/<colour>/<i>.png``: noisy solid colours of random sizes."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for split, count in per_class.items():
-        for name, rgb in COLOURS.items():
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                height, width = rng.integers(24, 60, 2)
-                pixels = np.clip(np.array(rgb) + rng.integers(-25, 26, (height, width, 3)), 0, 255)
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def colour_run(tmp_path_factory):
-    """A 3-class image folder of solid colours that cnn_w4 learns in 3 epochs (9 steps); 66 test images."""
-    tmp = tmp_path_factory.mktemp("colours")
-    root = write_colours(tmp / "data", {"train": 8, "val": 22})  # 66 test images
-    cfg = tiny_config(tmp, experiment="colours", seed=0, schedule__epochs=3, schedule__milestones=[10],
-                      data={"dataset": "imagefolder", "root": str(root), "image_size": 32, "crop": "pad_crop",
-                            "batch_size": 8, "num_workers": 0})
-    return _train(cfg)
 
 
 @pytest.fixture(scope="module")

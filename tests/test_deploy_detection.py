@@ -7,7 +7,8 @@ from pathlib import Path
 import onnxruntime
 import pytest
 import torch
-from test_deploy import one_sentence, write_colours
+from conftest import write_colours
+from test_deploy import one_sentence
 
 from deepkd.cli import main
 from deepkd.train.config import validate_config

@@ -6,24 +6,13 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from conftest import tiny_config
-from test_deploy import _train, one_sentence, write_colours
+from conftest import write_colours
+from test_deploy import one_sentence
 
 from deepkd.cli import main
 from deepkd.deploy import load_predictor, predict, quantize_run
 from deepkd.deploy.run import load_run, validation_images
 from deepkd.errors import ExportError, UnknownNameError
-
-
-@pytest.fixture(scope="module")
-def colour_run(tmp_path_factory):
-    """cnn_w4 on a 3-class image folder of solid colours, learned in 3 epochs; 12 test images."""
-    tmp = tmp_path_factory.mktemp("colours")
-    root = write_colours(tmp / "data", {"train": 8, "val": 4})
-    cfg = tiny_config(tmp, experiment="colours", seed=0, schedule__epochs=3, schedule__milestones=[10],
-                      data={"dataset": "imagefolder", "root": str(root), "image_size": 32, "crop": "pad_crop",
-                            "batch_size": 8, "num_workers": 0})
-    return _train(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +42,10 @@ def test_the_file_is_an_int8_graph_that_stays_close_to_the_student(colour_run, q
 def test_top1_before_and_after_are_measured_on_the_test_split(colour_run, quantized):
     run = load_run(colour_run)
     images = validation_images(run.cfg, 1000)
-    labels = torch.tensor([i // 4 for i in range(12)])  # val/<colour>/<i>.png, colours in sorted order
+    labels = torch.tensor([i // 22 for i in range(66)])  # val/<colour>/<i>.png, colours in sorted order
     with torch.no_grad():
         pytorch_top1 = 100.0 * (run.model(images).argmax(-1) == labels).float().mean().item()
-    assert quantized["images"] == 12 and quantized["top1"]["fp32"] == pytest.approx(pytorch_top1)
+    assert quantized["images"] == 66 and quantized["top1"]["fp32"] == pytest.approx(pytorch_top1)
     assert quantized["drop"] == pytest.approx(quantized["top1"]["fp32"] - quantized["top1"]["int8"])
     assert set(quantized["speedup"]) == {"1", "32"}
     for batch, ratio in quantized["speedup"].items():
@@ -81,7 +70,7 @@ def test_the_command_prints_both_top1_and_the_latency_ratio(colour_run, tmp_path
     assert report["calibrate"] == "percentile" and list(report["speedup"]) == ["4"]
     assert main(["quantize", str(colour_run), "-o", str(out), "--calibration", "8", "--repeats", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "top-1 on 12 test images of imagefolder: fp32" in printed and "x faster" in printed
+    assert "top-1 on 66 test images of imagefolder: fp32" in printed and "x faster" in printed
 
 
 def test_a_drop_past_max_drop_writes_nothing(colour_run, tmp_path):
