@@ -37,6 +37,21 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", default=None,
                       help="output folder (default: the run's folder; for several runs their common parent)")
     _sweep_parser(sub)
+    _summary_parser(sub)
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on a dataset's test split")
+    evaluate.add_argument("recipe", help="recipe whose data and student sections are used")
+    evaluate.add_argument("weights", help="checkpoint to evaluate (deepkd, community or .safetensors)")
+    evaluate.add_argument("overrides", nargs="*")
+    download = sub.add_parser("download", help="download and verify files into deepkd's cache")
+    download.add_argument("what", choices=["teachers"], help="teachers: mdistiller's CIFAR-100 cifar_teachers.tar")
+    download.add_argument("--root", default=None, help="cache folder (default: $DEEPKD_DATA or ~/.cache/deepkd)")
+    download.add_argument("--file", default=None, help="a local cifar_teachers.tar, used instead of downloading")
+    _deploy_parsers(sub)
+    return parser
+
+
+def _summary_parser(sub) -> None:
+    """``deepkd summary``."""
     summary = sub.add_parser("summary", help="best and last top-1 per experiment, mean +- std and 95%% CI over seeds")
     summary.add_argument("runs", nargs="+", help="run folders, folders containing runs, or --export JSON files")
     summary.add_argument("--export", metavar="PATH", help="also write every run's record (metrics, curve) as JSON, "
@@ -49,16 +64,6 @@ def _parser() -> argparse.ArgumentParser:
     summary.add_argument("--reach", type=float, metavar="ACC",
                          help="epochs to first reach this test top-1 (box AP), per experiment; speed-up with --compare")
     summary.add_argument("--figure", metavar="PATH", help="PNG: test top-1 per epoch (mean +- std), best with 95%% CI")
-    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on a dataset's test split")
-    evaluate.add_argument("recipe", help="recipe whose data and student sections are used")
-    evaluate.add_argument("weights", help="checkpoint to evaluate (deepkd, community or .safetensors)")
-    evaluate.add_argument("overrides", nargs="*")
-    download = sub.add_parser("download", help="download and verify files into deepkd's cache")
-    download.add_argument("what", choices=["teachers"], help="teachers: mdistiller's CIFAR-100 cifar_teachers.tar")
-    download.add_argument("--root", default=None, help="cache folder (default: $DEEPKD_DATA or ~/.cache/deepkd)")
-    download.add_argument("--file", default=None, help="a local cifar_teachers.tar, used instead of downloading")
-    _deploy_parsers(sub)
-    return parser
 
 
 def _deploy_parsers(sub) -> None:

@@ -325,42 +325,56 @@ def run_sweep(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Unio
               slurm_partition: Optional[str] = None, cpus_per_task: Optional[int] = None,
               mem_gb: Optional[float] = None, slurm: Sequence[str] = (), poll_s: float = 1.0,
               stream=None) -> Dict[str, str]:
-    """Run the grid ``recipes`` x ``set_values`` (``key=v1,v2``) x ``seeds`` (``"0-4"``; None: each
-    recipe's seed) under ``out`` (None: :func:`sweep_folder`, ``<output_dir>/sweep`` of the recipes'
-    shared ``output_dir``); ``overrides`` apply to every run. ``jobs``: runs at once (None: 1
-    locally, all on SLURM). ``executor``: local processes (one GPU each, round-robin, or
-    cores // jobs threads), slurm or submitit-local. SLURM options: ``timeout_min``,
-    ``gpus_per_node``, ``slurm_partition``, ``cpus_per_task``, ``mem_gb``, ``slurm`` (``key=value``:
-    any other submitit ``slurm_<key>``). Returns each run's final state; a Ctrl-C or SIGTERM stops
-    the runs (saved) and raises KeyboardInterrupt once they have."""
+    """Run the grid ``recipes`` x ``set_values`` (``key=v1,v2``) x ``seeds`` (``"0-4"``; None: each recipe's
+    seed) under ``out`` (None: :func:`sweep_folder`, ``<output_dir>/sweep``); ``overrides`` apply to every run.
+    ``jobs``: runs at once (None: 1 locally, all on SLURM). ``executor``: local processes (:func:`_starter`),
+    slurm or submitit-local, with ``timeout_min``, ``gpus_per_node``, ``slurm_partition``, ``cpus_per_task``,
+    ``mem_gb``, ``slurm`` (``key=value``: any other submitit ``slurm_<key>``). Returns each run's final
+    state; a Ctrl-C or SIGTERM stops the runs (saved) and raises KeyboardInterrupt once they have."""
     stream = stream or sys.stdout
-    for wrong, message in ((not recipes, "a sweep needs at least one recipe"),
-                           (jobs is not None and jobs < 1, "--jobs must be at least 1"),
-                           (executor not in EXECUTORS, f"--executor {executor!r} is not one of {EXECUTORS}")):
-        if wrong:
-            raise ConfigError(message)
+    _check_arguments(recipes, jobs, executor)
     seed_list = parse_seeds(seeds) if isinstance(seeds, str) else list(seeds) if seeds is not None else [None]
     grid = [parse_set(text) for text in set_values]
     out_dir = Path(out if out is not None else sweep_folder(recipes, overrides, grid)).resolve()
     runs = plan(recipes, seed_list, grid, overrides, out_dir)
-    for run in runs:
-        run.state = {"finished": "finished", "interrupted": "queued", "new": "queued"}[run_state(run.run_dir)]
+    for run in runs:  # a finished run is skipped; an interrupted one resumes
+        run.state = "finished" if run_state(run.run_dir) == "finished" else "queued"
     if dry_run:
-        for run in runs:
-            action = "skip (finished)" if run.state == "finished" else "deepkd " + shlex.join(train_command(run)[3:])
-            stream.write(f"{run.key}: {action}\n")
+        stream.writelines(f"{run.key}: " + ("skip (finished)" if run.state == "finished" else
+                                            "deepkd " + shlex.join(train_command(run)[3:])) + "\n" for run in runs)
         return {run.key: run.state for run in runs}
     _write_manifest(out_dir, runs, {"recipes": list(recipes), "seeds": seed_list, "set": dict(grid),
                                     "overrides": list(overrides), "executor": executor})
 
     limit = jobs or (len(runs) if executor == "slurm" else 1)
+    parameters = {"timeout_min": timeout_min, "gpus_per_node": gpus_per_node, "slurm_partition": slurm_partition,
+                  "cpus_per_task": cpus_per_task, "mem_gb": mem_gb,
+                  **{"slurm_" + ".".join(k): v for k, v in map(parse_override, slurm)}}
+    start = _starter(executor, limit, out_dir, parameters)
+    board = _Board(runs, stream)
+    signals = _schedule(runs, limit, start, board, poll_s)
+    board.update(force=True)
+    stream.writelines(f"{run.key} failed: see {run.log}\n" for run in runs if run.state == "failed")
+    if signals:
+        raise KeyboardInterrupt
+    _group_cards(runs, stream)
+    return {run.key: run.state for run in runs}
+
+
+def _check_arguments(recipes: Sequence[str], jobs: Optional[int], executor: str) -> None:
+    for wrong, message in ((not recipes, "a sweep needs at least one recipe"),
+                           (jobs is not None and jobs < 1, "--jobs must be at least 1"),
+                           (executor not in EXECUTORS, f"--executor {executor!r} is not one of {EXECUTORS}")):
+        if wrong:
+            raise ConfigError(message)
+
+
+def _starter(executor: str, limit: int, out_dir: Path, parameters: Dict):
+    """``start(run, slot)``: a local process (one visible GPU each, round-robin, or cores // ``limit``
+    threads) or a submitit job with ``parameters`` (SLURM's, or submitit-local's)."""
     gpus = _visible_gpus() if executor != "slurm" else []
-    threads = max(1, len(os.sched_getaffinity(0)) // limit) if executor != "slurm" else cpus_per_task
-    if executor != "local":
-        parameters = {"timeout_min": timeout_min, "gpus_per_node": gpus_per_node, "slurm_partition": slurm_partition,
-                      "cpus_per_task": cpus_per_task, "mem_gb": mem_gb,
-                      **{"slurm_" + ".".join(k): v for k, v in map(parse_override, slurm)}}
-        submitter = _executor(executor, out_dir / "submitit", parameters)
+    threads = max(1, len(os.sched_getaffinity(0)) // limit) if executor != "slurm" else parameters["cpus_per_task"]
+    submitter = _executor(executor, out_dir / "submitit", parameters) if executor != "local" else None
 
     def start(run: SweepRun, slot: int):
         gpu = gpus[slot % len(gpus)] if gpus else None
@@ -371,26 +385,12 @@ def run_sweep(recipes: Sequence[str], overrides: Sequence[str] = (), seeds: Unio
             submitter.update_parameters(gpus_per_node=1, visible_gpus=[int(gpu)])
         return _Submitted(run, submitter, threads)
 
-    board = _Board(runs, stream)
-    signals = _schedule(runs, limit, start, board, poll_s)
-    board.update(force=True)
-    for run in runs:
-        if run.state == "failed":
-            stream.write(f"{run.key} failed: see {run.log}\n")
-    if signals:
-        raise KeyboardInterrupt
-    _group_cards(runs, stream)
-    return {run.key: run.state for run in runs}
+    return start
 
 
 def _group_cards(runs: Sequence[SweepRun], stream) -> None:
-    """A model card per configuration whose seeds all finished: top-1 mean +- std over them
-    (:func:`deepkd.commands.summary.write_cards`, as ``deepkd summary --cards``)."""
+    """A model card per configuration whose seeds all finished (as ``deepkd summary --cards``)."""
     from deepkd.commands.summary import collect, write_cards
 
-    configs: Dict[str, List[SweepRun]] = {}
-    for run in runs:
-        configs.setdefault(run.config, []).append(run)
-    done = [r.run_dir for group in configs.values() if all(r.state == "finished" for r in group) for r in group]
-    for card in write_cards(collect(done)) if done else []:
-        stream.write(f"wrote {card}\n")
+    done = [r.run_dir for r in runs if all(o.state == "finished" for o in runs if o.config == r.config)]
+    stream.writelines(f"wrote {card}\n" for card in (write_cards(collect(done)) if done else []))
