@@ -39,6 +39,7 @@ from deepkd.train.distributed import (
 )
 from deepkd.train.gsnr_probe import adapt_momentum, momentum_record
 from deepkd.train.logs import MetricsWriter, Progress
+from deepkd.train.meters import Meters
 from deepkd.train.run_folder import claim_run_folder
 from deepkd.train.signals import StopSignals as _Interrupt
 from deepkd.train.step import optimize
@@ -102,37 +103,6 @@ def train_step(run: Run, images: torch.Tensor, targets: torch.Tensor, epoch: int
     optimize(terms, run.optimizer, run.params, run.ctx)  # backward (one pass per momentum) + step
     weak = logits[0] if images.dim() == 5 else logits  # training accuracy: the weak view's, as the reference logs
     return {name: term.value.detach() for name, term in terms.items()}, weak.detach()
-
-
-class Meters:
-    """Sums kept on the device (no host sync per step); saved in checkpoints for exact resume."""
-
-    def __init__(self, device: torch.device, state: Optional[Dict[str, torch.Tensor]] = None):
-        self.device = device
-        self.sums: Dict[str, torch.Tensor] = {k: v.to(device) for k, v in (state or {}).items()}
-
-    def add(self, name: str, value: torch.Tensor) -> None:
-        value = value.detach().to(self.device, torch.float64)
-        self.sums[name] = self.sums[name] + value if name in self.sums else value
-
-    def update(self, terms: Dict[str, torch.Tensor], logits: torch.Tensor, targets: torch.Tensor) -> None:
-        count = torch.tensor(float(targets.numel()), device=self.device)
-        loss = torch.stack(list(terms.values())).sum()
-        for name, value in terms.items():
-            self.add(f"loss/{name}", value * count)
-        self.add("loss", loss * count)
-        self.add("correct", (logits.argmax(-1) == targets).sum())
-        self.add("count", count)
-
-    def state(self) -> Dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.sums.items()}
-
-    def averages(self, ctx: Dist) -> Dict[str, float]:
-        reduced = {k: all_reduce_sum(v, ctx) for k, v in self.sums.items()}
-        count = max(float(reduced.get("count", torch.tensor(1.0))), 1.0)
-        out = {f"train_{k}": float(v) / count for k, v in reduced.items() if k.startswith("loss")}
-        out["train_top1"] = 100.0 * float(reduced.get("correct", torch.tensor(0.0))) / count
-        return out
 
 
 @torch.no_grad()
