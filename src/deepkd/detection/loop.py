@@ -95,6 +95,14 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, teacher: Optional[nn.Modu
                           "backbone stages); build it from [p for p in student.parameters() if p.requires_grad]")
 
 
+def _check_models(student: nn.Module, teacher: Optional[nn.Module], optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer holds the student's trainable parameters; a teacher fits the student and is frozen."""
+    _check_optimizer(optimizer, teacher)
+    if teacher is not None:
+        check_pair(student, teacher)
+        prepare_teacher(teacher)
+
+
 def _save(run: _Run, name: str, position: Position) -> None:
     if run.ctx.is_main:
         atomic_save({"format": FORMAT, "task": "detection", "model": run.student.state_dict(),
@@ -196,10 +204,7 @@ def train_detector(*, student: nn.Module, teacher: Optional[nn.Module], method: 
     run_dir, last, ctx = Path(run_dir), Path(run_dir) / "last.pt", ctx or Dist()
     if last.exists() and not resume:
         raise RunExistsError(f"run directory {str(run_dir)!r} already holds a checkpoint; resume it or choose another")
-    _check_optimizer(optimizer, teacher)
-    if teacher is not None:
-        check_pair(student, teacher)
-        prepare_teacher(teacher)
+    _check_models(student, teacher, optimizer)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(student.train(), teacher, method, optimizer, lr_at, train_loader, val_loader, coco_gt, epochs, device,
