@@ -7,9 +7,10 @@ from typing import Any, List, Optional, Sequence, Union
 
 from deepkd.data import cifar, synthetic
 from deepkd.data.device_loader import DeviceLoader
-from deepkd.errors import ConfigError, DataError, MissingFileError
+from deepkd.errors import ConfigError, MissingFileError
+from deepkd.registry import Registry
 
-__all__ = ["DataBundle", "DeviceLoader", "FolderOptions", "build_data", "check_resize"]
+__all__ = ["DATASETS", "DataBundle", "DeviceLoader", "FolderOptions", "build_data", "check_resize", "register_dataset"]
 
 
 @dataclass
@@ -67,6 +68,19 @@ def check_resize(crop: Optional[str], resize: Optional[int], image_size: Optiona
                           "resizes to image_size as training does): remove data.resize")
 
 
+DATASETS = Registry("dataset")
+
+
+def register_dataset(name: Optional[str] = None, **info: Any):
+    """Decorator registering a dataset builder ``builder(dataset, options, **settings) -> DataBundle``:
+    ``dataset`` is the registered name, ``options`` the loader keywords of :func:`_device_bundle`
+    (``batch_size``, ``eval_batch_size``, ``device``, ``seed``, ``drop_last``, ``rank``, ``world_size``,
+    ``flip``, ``strong``), ``settings`` every other keyword of :func:`build_data` (``root``, ``download``,
+    ``num_workers``, ``folder``, ``synthetic_*``, Fashion-MNIST's); a builder names those it reads and
+    takes ``**_`` for the rest."""
+    return DATASETS.register(name, **info)
+
+
 def _device_bundle(train, test, num_classes, mean, std, *, batch_size, eval_batch_size, device, seed,
                    drop_last, rank, world_size, flip=True, strong=False, classes=(), crop_size=None,
                    **augment) -> DataBundle:
@@ -89,7 +103,8 @@ def build_data(dataset: str, *, root: Optional[str] = None, batch_size: int = 64
                synthetic_seed: int = 0, synthetic_noise: float = 1.5, image_size: int = 32, channels: int = 3,
                train_per_class: Optional[int] = None, subset_seed: int = 0) -> DataBundle:
     """Loaders for ``cifar100``, ``cifar10``, ``tinyimagenet``, ``fashion_mnist``, ``synthetic``, or
-    ``imagenet`` / ``imagefolder`` (``root/<train_folder>``, ``root/<val_folder>``, read as ``folder`` says).
+    ``imagenet`` / ``imagefolder`` (``root/<train_folder>``, ``root/<val_folder>``, read as ``folder`` says):
+    the builder registered under ``dataset`` in :data:`DATASETS` (:func:`register_dataset`).
 
     ``strong``: each training batch is ``[2, b, 3, H, W]``, a weak view (the usual augmentation) and
     a strong view (its own crop and flip, then the FixMatch RandAugment + Cutout of MLKD and CRLD).
@@ -99,33 +114,43 @@ def build_data(dataset: str, *, root: Optional[str] = None, batch_size: int = 64
     """
     options = dict(batch_size=batch_size, eval_batch_size=eval_batch_size or batch_size, device=device, seed=seed,
                    drop_last=drop_last, rank=rank, world_size=world_size, flip=flip, strong=strong)
-    if dataset == "synthetic":
-        train = synthetic.generate(synthetic_train, seed=synthetic_seed, split="train", noise=synthetic_noise)
-        test = synthetic.generate(synthetic_test, seed=synthetic_seed, split="test", noise=synthetic_noise)
-        pixels = train[0].float() / 255.0
-        mean = pixels.mean(dim=(0, 2, 3)).tolist()
-        std = pixels.std(dim=(0, 2, 3)).tolist()
-        return _device_bundle(train, test, synthetic.NUM_CLASSES, mean, std, **options)
-    if dataset in ("cifar10", "cifar100"):
-        train, test, num_classes, mean, std = cifar.load(dataset, root, download=download)
-        return _device_bundle(train, test, num_classes, mean, std, **options)
-    if dataset == "tinyimagenet":
-        from deepkd.data import tinyimagenet
-
-        train, test, num_classes, mean, std = tinyimagenet.load(root, download=download)
-        return _device_bundle(train, test, num_classes, mean, std, pad=tinyimagenet.AUGMENT["pad"],
-                              rotation=tinyimagenet.AUGMENT["rotation"], **options)
-    if dataset == "fashion_mnist":
-        return _build_fashion_mnist(root, download=download, image_size=image_size, channels=channels,
-                                    train_per_class=train_per_class, subset_seed=subset_seed, **options)
-    if dataset in ("imagenet", "imagefolder"):
-        return _build_folder(root, folder or FolderOptions(), num_workers=num_workers, **options)
-    raise DataError(f"unknown dataset {dataset!r}: choose cifar100, cifar10, tinyimagenet, fashion_mnist, synthetic, "
-                     "imagenet or imagefolder")
+    return DATASETS.get(dataset)(
+        dataset, options, root=root, download=download, num_workers=num_workers, folder=folder,
+        synthetic_train=synthetic_train, synthetic_test=synthetic_test, synthetic_seed=synthetic_seed,
+        synthetic_noise=synthetic_noise, image_size=image_size, channels=channels, train_per_class=train_per_class,
+        subset_seed=subset_seed)
 
 
-def _build_fashion_mnist(root, *, download: bool, image_size: int, channels: int, train_per_class: Optional[int],
-                         subset_seed: int, **options) -> DataBundle:
+@register_dataset("synthetic")
+def _synthetic(dataset: str, options: dict, *, synthetic_train: int, synthetic_test: int, synthetic_seed: int,
+               synthetic_noise: float, **_) -> DataBundle:
+    train = synthetic.generate(synthetic_train, seed=synthetic_seed, split="train", noise=synthetic_noise)
+    test = synthetic.generate(synthetic_test, seed=synthetic_seed, split="test", noise=synthetic_noise)
+    pixels = train[0].float() / 255.0
+    mean = pixels.mean(dim=(0, 2, 3)).tolist()
+    std = pixels.std(dim=(0, 2, 3)).tolist()
+    return _device_bundle(train, test, synthetic.NUM_CLASSES, mean, std, **options)
+
+
+@register_dataset("cifar100")
+@register_dataset("cifar10")
+def _cifar(dataset: str, options: dict, *, root: Optional[str], download: bool, **_) -> DataBundle:
+    train, test, num_classes, mean, std = cifar.load(dataset, root, download=download)
+    return _device_bundle(train, test, num_classes, mean, std, **options)
+
+
+@register_dataset("tinyimagenet")
+def _tinyimagenet(dataset: str, options: dict, *, root: Optional[str], download: bool, **_) -> DataBundle:
+    from deepkd.data import tinyimagenet
+
+    train, test, num_classes, mean, std = tinyimagenet.load(root, download=download)
+    return _device_bundle(train, test, num_classes, mean, std, pad=tinyimagenet.AUGMENT["pad"],
+                          rotation=tinyimagenet.AUGMENT["rotation"], **options)
+
+
+@register_dataset("fashion_mnist")
+def _fashion_mnist(dataset: str, options: dict, *, root: Optional[str], download: bool, image_size: int,
+                   channels: int, train_per_class: Optional[int], subset_seed: int, **_) -> DataBundle:
     from deepkd.data import fashion_mnist
 
     if options["strong"] and channels != 3:
@@ -135,6 +160,13 @@ def _build_fashion_mnist(root, *, download: bool, image_size: int, channels: int
         root, download=download, image_size=image_size, channels=channels, train_per_class=train_per_class,
         subset_seed=subset_seed)
     return _device_bundle(train, test, num_classes, mean, std, classes=fashion_mnist.CLASSES, **options)
+
+
+@register_dataset("imagefolder")
+@register_dataset("imagenet")
+def _image_folder(dataset: str, options: dict, *, root: Optional[str], folder: Optional[FolderOptions],
+                  num_workers: int, **_) -> DataBundle:
+    return _build_folder(root, folder or FolderOptions(), num_workers=num_workers, **options)
 
 
 def _stored_size(opts: FolderOptions, resize: int) -> int:

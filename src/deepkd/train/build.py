@@ -17,10 +17,10 @@ from deepkd.losses.registry import build_method as _build_method
 from deepkd.models import create_model, load_pretrained
 from deepkd.models.ecosystem import data_config
 from deepkd.models.teachers import find_teacher, missing_teacher_message
-from deepkd.optim import DecoupledMomentumSGD, GSNRMomentum, cosine_lr, step_lr
 from deepkd.train.data_config import FASHION_MNIST_KEYS, FOLDER_KEYS
 from deepkd.train.method_config import MethodConfig, method_views
 from deepkd.train.optim_config import OptimizerConfig, ScheduleConfig
+from deepkd.train.optimizers import OPTIMIZERS, SCHEDULES, build_auto_momentum  # noqa: F401 (build_auto_momentum: loop.py)
 from deepkd.train.run_config import ModelConfig, RunConfig
 
 
@@ -120,33 +120,17 @@ def build_sync_batchnorm(model: nn.Module, device: torch.device, ctx) -> nn.Modu
     return nn.SyncBatchNorm.convert_sync_batchnorm(model) if ctx.enabled else model
 
 
-def build_auto_momentum(cfg: OptimizerConfig) -> Optional[GSNRMomentum]:
-    """The GSNR-driven momentum rule of ``stream_momentum: auto``, else None."""
-    if getattr(cfg, "stream_momentum", None) != "auto":
-        return None
-    return GSNRMomentum(**cfg.auto_momentum.model_dump())
-
-
 def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Weight decay on every parameter (reference recipe: BN and biases included). ``stream_momentum:
-    auto`` starts from the rule's initial coefficients (its config sets ``merge_equal: false``)."""
+    """The registered optimizer ``cfg.name`` (:data:`deepkd.train.optimizers.OPTIMIZERS`) over the
+    trainable parameters. Weight decay on every parameter (reference recipe: BN and biases included)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.name == "decoupled":
-        auto = build_auto_momentum(cfg)
-        momentum = auto.initial() if auto is not None else dict(cfg.stream_momentum)
-        return DecoupledMomentumSGD(params, lr=cfg.lr, momentum=momentum,
-                                    weight_decay=cfg.weight_decay,
-                                    weight_decay_stream=cfg.weight_decay_stream, merge_equal=cfg.merge_equal)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           nesterov=cfg.nesterov)
+    return OPTIMIZERS.get(cfg.name)(cfg, params)
 
 
 def build_schedule(cfg: ScheduleConfig, base_lr: float) -> Callable[[int, float], float]:
-    """``lr(epoch, progress)``: epoch counted from 1, progress in [0, 1) within the epoch."""
-    if cfg.name == "step":
-        return lambda epoch, progress: step_lr(epoch, base_lr, cfg.milestones, cfg.gamma)
-    return lambda epoch, progress: cosine_lr(epoch - 1 + progress, base_lr, cfg.epochs, cfg.warmup_epochs,
-                                             cfg.warmup_start_factor, cfg.min_lr)
+    """``lr(epoch, progress)`` of the registered schedule ``cfg.name``
+    (:data:`deepkd.train.optimizers.SCHEDULES`): epoch counted from 1, progress in [0, 1) within the epoch."""
+    return SCHEDULES.get(cfg.name)(cfg, base_lr)
 
 
 def build_teacher_cache(cfg: RunConfig, teacher: nn.Module, loader, ctx):
