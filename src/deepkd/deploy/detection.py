@@ -1,8 +1,9 @@
 """``deepkd export RUN --format onnx`` for a detection run: the torchvision detector as ONNX.
 
 torchvision's Faster R-CNN family exports to ONNX through the TorchScript-based exporter (with torch
-2.14 the dynamo exporter fails at its first step, ``torch.export``, on these models): one image ``[3, H, W]`` with float pixels
-in [0, 1] (the detector's own transform resizes and normalises it inside the graph), outputs
+2.14 the dynamo exporter fails at its first step, ``torch.export``, on these models): one image
+``[3, H, W]`` with float pixels in [0, 1] (the detector's own transform resizes and normalises it
+inside the graph), outputs
 ``boxes [n, 4]`` (x1, y1, x2, y2 in the input's pixels), ``labels [n]`` and ``scores [n]``; height and
 width are dynamic, the batch is one image (torchvision's ONNX support is per image). The weights are
 the run's ``best.pt`` (best box AP), else ``last.pt``. Before the file is kept, ONNX Runtime runs it on
