@@ -20,7 +20,7 @@ from deepkd.models.teachers import find_teacher, missing_teacher_message
 from deepkd.train.data_config import FASHION_MNIST_KEYS, FOLDER_KEYS
 from deepkd.train.method_config import MethodConfig, method_views
 from deepkd.train.optim_config import OptimizerConfig, ScheduleConfig
-from deepkd.train.optimizers import OPTIMIZERS, SCHEDULES, build_auto_momentum  # noqa: F401 (build_auto_momentum: loop.py)
+from deepkd.train.optimizers import OPTIMIZERS, SCHEDULES
 from deepkd.train.run_config import ModelConfig, RunConfig
 
 

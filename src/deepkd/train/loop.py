@@ -40,6 +40,7 @@ from deepkd.train.distributed import (
 from deepkd.train.gsnr_probe import adapt_momentum, momentum_record
 from deepkd.train.logs import MetricsWriter, Progress
 from deepkd.train.meters import Meters
+from deepkd.train.optimizers import build_auto_momentum
 from deepkd.train.run_folder import claim_run_folder
 from deepkd.train.signals import StopSignals as _Interrupt
 from deepkd.train.step import optimize
@@ -213,7 +214,7 @@ def setup_run(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> Run:
               build.build_schedule(cfg.schedule, cfg.optimizer.lr), data,
               [p for p in student.parameters() if p.requires_grad], writer,
               Progress(cfg.train.progress, cfg.train.log_every, enabled=ctx.is_main),
-              auto_momentum=build.build_auto_momentum(cfg.optimizer))
+              auto_momentum=build_auto_momentum(cfg.optimizer))
     if cfg.train.teacher_cache and teacher is not None:
         run.cache = build.build_teacher_cache(cfg, teacher, data.train, ctx)
     return run
