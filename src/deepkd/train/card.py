@@ -1,6 +1,6 @@
 """The model card of a finished run, and of an experiment's seeds together.
 
-A finished classification run folder is laid out as ``huggingface_hub.upload_folder`` uploads a model
+A finished run folder is laid out as ``huggingface_hub.upload_folder`` uploads a model
 repository as is: ``README.md`` (the card: a YAML header with ``library_name``, ``tags``, ``datasets``,
 ``metrics`` and a ``model-index``, then Markdown), ``config.json`` (architecture, classes,
 preprocessing, the resolved recipe) and ``model.safetensors`` (a hard link to ``student.safetensors``,
@@ -8,7 +8,7 @@ which keeps its name; a copy where links are not possible). Every figure in the 
 comes from: a file of the run folder and its key, or the measurement and the machine it ran on.
 
 :func:`write_group_card` writes one card for the seeds of an experiment (``deepkd summary --cards``):
-top-1 as mean +- std over n seeds, each seed's figure listed.
+top-1 as mean +- std over n seeds, each seed's figure listed. Detection runs: :mod:`deepkd.detection.card`.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import yaml
 from deepkd import __version__
 from deepkd.models import count_parameters, create_model, load_weights
 from deepkd.models.cost import activation_bytes, count_macs, cpu_name, latency_ms
+from deepkd.train.config import config_to_dict, load_config
 
 CARD, HUB_CONFIG, HUB_WEIGHTS = "README.md", "config.json", "model.safetensors"
 BATCH_SIZES, REPEATS, WARMUP = (1, 32), 10, 3
@@ -35,16 +36,10 @@ BATCH_SIZES, REPEATS, WARMUP = (1, 32), 10, 3
 def write_card(run_dir: str | Path) -> Path:
     """``README.md``, ``config.json`` and ``model.safetensors`` of a finished run folder (classification:
     ``config.yaml``, ``data.json``, ``summary.json``, ``student.safetensors``); returns the card's path."""
-    from deepkd.train.config import config_to_dict, load_config
-
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    facts = json.loads((run_dir / "data.json").read_text())
+    cfg, facts, shape, model = _student(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
-    shape = (cfg.data.channels if cfg.data.dataset == "fashion_mnist" else 3, facts["input_size"], facts["input_size"])
-    model = create_model(cfg.student.name, num_classes=facts["num_classes"])
-    load_weights(model, run_dir / "student.safetensors")
-    cost = measure(model.eval(), shape)
+    cost = measure(model, shape)
     _link(run_dir / "student.safetensors", run_dir / HUB_WEIGHTS)
     hub = {"library_name": "deepkd", "architecture": cfg.student.name, "num_classes": facts["num_classes"],
            "id2label": dict(enumerate(facts["classes"] or map(str, range(facts["num_classes"])))),
@@ -58,23 +53,26 @@ def write_card(run_dir: str | Path) -> Path:
 
 def write_group_card(folder: str | Path, run_dirs: Sequence[str | Path]) -> Optional[Path]:
     """``<folder>/README.md`` for the finished seeds of one experiment; None when none has finished."""
-    from deepkd.train.config import load_config
-
     finished = [Path(d) for d in run_dirs if _finished(Path(d))]
     if not finished:
         return None
-    first = finished[0]
-    cfg = load_config(first / "config.yaml")
-    facts = json.loads((first / "data.json").read_text())
-    shape = (cfg.data.channels if cfg.data.dataset == "fashion_mnist" else 3, facts["input_size"], facts["input_size"])
-    model = create_model(cfg.student.name, num_classes=facts["num_classes"])
-    load_weights(model, first / "student.safetensors")
+    cfg, facts, shape, model = _student(finished[0])
     summaries = [json.loads((d / "summary.json").read_text()) for d in finished]
     results = [{"last": s["last_top1"], "best": s["best_top1"], "seed": s["seed"], "run_dir": str(d)}
                for s, d in zip(summaries, finished)]
-    card = render(_subject(cfg, facts["num_classes"], shape), results, measure(model.eval(), shape),
-                  code_of(first / "config.yaml"), folder=Path(folder))
+    card = render(_subject(cfg, facts["num_classes"], shape), results, measure(model, shape),
+                  code_of(finished[0] / "config.yaml"), folder=Path(folder))
     return _write(Path(folder) / CARD, card)
+
+
+def _student(run_dir: Path):
+    """``(cfg, data.json facts, input shape, the trained student in eval mode)`` of a run folder."""
+    cfg = load_config(run_dir / "config.yaml")
+    facts = json.loads((run_dir / "data.json").read_text())
+    shape = (cfg.data.channels if cfg.data.dataset == "fashion_mnist" else 3, facts["input_size"], facts["input_size"])
+    model = create_model(cfg.student.name, num_classes=facts["num_classes"])
+    load_weights(model, run_dir / "student.safetensors")
+    return cfg, facts, shape, model.eval()
 
 
 def _finished(run_dir: Path) -> bool:
