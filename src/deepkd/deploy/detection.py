@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from deepkd import __version__
-from deepkd.deploy.onnx_format import quiet, require
+from deepkd.deploy.onnx_format import cpu_session, quiet, require
 from deepkd.errors import ExportError, MissingFileError
 from deepkd.models import load_weights
 
@@ -106,8 +106,7 @@ def _save(model: nn.Module, example: torch.Tensor, metadata: Dict[str, Any], pat
 def _compare(model: nn.Module, path: Path, images: List[torch.Tensor]) -> Dict[str, Any]:
     """Largest relative difference of boxes and scores, the number of images whose detections (count
     or labels) differ, and PyTorch's detection count, ONNX Runtime against PyTorch."""
-    runtime = require("onnxruntime", f"checking {str(path)!r}")
-    session = runtime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = cpu_session(path)
     worst, mismatched, detections = 0.0, 0, 0
     for image in images:
         with torch.no_grad():

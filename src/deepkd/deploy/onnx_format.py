@@ -12,7 +12,7 @@ import importlib
 import io
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Mapping, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -64,13 +64,23 @@ def save_onnx(model: nn.Module, example: torch.Tensor, metadata: Mapping[str, An
     return exporter
 
 
-def load_onnx(path: Path) -> Tuple[Callable[[torch.Tensor], torch.Tensor], Dict[str, Any]]:
-    """``(forward, metadata)`` of an ONNX file run by ONNX Runtime on the CPU."""
+def cpu_session(path: Path, threads: Optional[int] = None):
+    """An ONNX Runtime session of ``path`` on the CPU, logging errors only (deepkd's own messages say
+    what went wrong), with ``threads`` intra-op threads (None: ONNX Runtime's default)."""
     runtime = require("onnxruntime", f"running {str(path)!r}")
     options = runtime.SessionOptions()
-    options.log_severity_level = 3  # errors only: deepkd's own messages say what went wrong
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    return runtime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def load_onnx(path: Path) -> Tuple[Callable[[torch.Tensor], torch.Tensor], Dict[str, Any]]:
+    """``(forward, metadata)`` of an ONNX file run by ONNX Runtime on the CPU."""
     try:
-        session = runtime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = cpu_session(path)
+    except MissingPackageError:
+        raise
     except Exception as err:  # ONNX Runtime's own error types (InvalidProtobuf, Fail, InvalidGraph, ...)
         raise WeightsError(f"{str(path)!r} is damaged or not an ONNX model ({short_reason(err)})") from None
     metadata = from_properties(session.get_modelmeta().custom_metadata_map, str(path))

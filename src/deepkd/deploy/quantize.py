@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
@@ -31,9 +29,10 @@ import torch
 
 from deepkd.deploy.export import export_run
 from deepkd.deploy.metadata import check_input, to_properties
-from deepkd.deploy.onnx_format import load_onnx, quiet, require
+from deepkd.deploy.onnx_format import cpu_session, load_onnx, quiet, require
 from deepkd.deploy.run import RunModel, load_run
 from deepkd.errors import ConfigError, ExportError, UnknownNameError
+from deepkd.models.cost import latencies_in_turns
 from deepkd.train import build
 
 CALIBRATIONS = ("minmax", "percentile", "entropy")
@@ -141,11 +140,7 @@ def _training_images(run: RunModel, count: int) -> Iterator[torch.Tensor]:
 
 
 def _session_forward(path: Path, threads: int):
-    runtime = require("onnxruntime", "deepkd quantize")
-    options = runtime.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = runtime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(path, threads)
 
     def forward(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(["logits"], {"images": images.contiguous().numpy()})[0])
@@ -169,25 +164,11 @@ def _measure(run: RunModel, fp32: Path, int8: Path, images: Optional[int], batch
             break
     top1 = {name: 100.0 * hits / seen for name, hits in correct.items()}
     shape = (run.metadata["channels"], run.metadata["input_size"], run.metadata["input_size"])
-    per_batch = {str(b): _latencies(forwards, shape, b, repeats, warmup) for b in batch_sizes}
+    per_batch = {str(b): latencies_in_turns(forwards, shape, b, repeats=repeats, warmup=warmup) for b in batch_sizes}
     latency = {name: {b: times[name] for b, times in per_batch.items()} for name in forwards}
     speedup = {b: latency["fp32"][b] / latency["int8"][b] for b in latency["fp32"]}
     return {"images": seen, "top1": top1, "drop": top1["fp32"] - top1["int8"], "latency_ms": latency,
             "speedup": speedup, "threads": threads, "repeats": repeats, "warmup": warmup}
-
-
-def _latencies(forwards, shape, batch: int, repeats: int, warmup: int) -> Dict[str, float]:
-    """Median milliseconds of each forward on one random ``batch``, timed in turns (fp32, int8, fp32, ...)
-    so that another load on the machine slows both alike."""
-    images = torch.randn(batch, *shape)
-    times: Dict[str, list] = {name: [] for name in forwards}
-    for index in range(warmup + repeats):
-        for name, forward in forwards.items():
-            start = time.perf_counter()
-            forward(images)
-            if index >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: 1000.0 * statistics.median(values) for name, values in times.items()}
 
 
 def format_quantize(report: Dict[str, Any]) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 from torch import nn
@@ -29,15 +29,23 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
 def latency_ms(model: nn.Module, input_shape: Sequence[int], batch: int, *, repeats: int = 10,
                warmup: int = 3) -> float:
     """Median milliseconds of ``repeats`` forward passes of a ``batch`` after ``warmup`` unmeasured ones."""
+    return latencies_in_turns({"model": model}, input_shape, batch, repeats=repeats, warmup=warmup)["model"]
+
+
+def latencies_in_turns(forwards: Dict[str, Callable[[torch.Tensor], Any]], input_shape: Sequence[int], batch: int,
+                       *, repeats: int = 10, warmup: int = 3) -> Dict[str, float]:
+    """Median milliseconds of each of ``forwards`` on one random ``batch``, timed in turns (a, b, a, b,
+    ...) so that other load on the machine slows them alike; ``warmup`` rounds are not measured."""
     images = torch.randn(batch, *input_shape)
-    times = []
+    times: Dict[str, List[float]] = {name: [] for name in forwards}
     with torch.inference_mode():
         for index in range(warmup + repeats):
-            start = time.perf_counter()
-            model(images)
-            if index >= warmup:
-                times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+            for name, forward in forwards.items():
+                start = time.perf_counter()
+                forward(images)
+                if index >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    return {name: 1000.0 * statistics.median(values) for name, values in times.items()}
 
 
 def activation_bytes(model: nn.Module, input_shape: Sequence[int]) -> int:
