@@ -40,7 +40,7 @@ def _setup(recipe: str, overrides: List[str]):
     data = build.build_dataset(cfg, device=torch.device("cpu"), rank=0, world_size=1)
     method = build.build_method(cfg.method)
     student = build.build_student(cfg.student, data.num_classes)
-    teacher = build.build_teacher(cfg.teacher, method, data.num_classes, cfg.data.dataset)
+    teacher = build.build_teacher(cfg.teacher, cfg.method.name, data.num_classes, cfg.data.dataset)
     optimizer = build.build_optimizer(cfg.optimizer, student)
     return cfg, data, method, student, teacher, optimizer
 

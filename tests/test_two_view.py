@@ -12,7 +12,8 @@ from deepkd.data.device_loader import STRONG, STRONG_RA, _generator
 from deepkd.errors import ConfigError
 from deepkd.train.checkpoint import load_checkpoint
 from deepkd.train.config_errors import validate_config
-from deepkd.train.loop import forward_views, train
+from deepkd.train.forward import forward_views
+from deepkd.train.loop import train
 
 SYNTHETIC = dict(batch_size=16, eval_batch_size=32, seed=5, synthetic_train=40, synthetic_test=16)
 

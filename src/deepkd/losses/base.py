@@ -15,6 +15,8 @@ from torch import nn
 from deepkd.losses.topk import DynamicTopK
 
 STREAMS = ("task", "target", "non_target")
+# keyword arguments a feature method's builder may declare; the trainer fills them, a recipe may not
+PROVIDED = ("student_info", "teacher_info", "num_samples")
 
 
 class LossTerm(NamedTuple):
@@ -53,10 +55,20 @@ class Method(nn.Module):
     :meth:`init_topk` in its ``__init__``. A method with ``views = 2`` (MLKD, CRLD) takes logits
     with a leading view axis, ``[2, B, C]`` (0: the weak view, 1: the strong view), and
     ``target [B]``; the trainer then gives every training image two augmented views.
+
+    A feature method (``features = True``: FitNet, AT, CRD, ...) takes
+    :class:`~deepkd.models.features.Features` of the student and the teacher in place of their logits,
+    and may own trainable modules (connectors, embeddings): the trainer optimizes them with the
+    student and checkpoints them, and never exports them. Its builder may declare the keyword
+    arguments of :data:`PROVIDED`: the trainer passes the student's and teacher's
+    :class:`~deepkd.models.features.FeatureInfo` and the training set's size. With ``needs_index``
+    it also gets ``index=`` (each sample's position in the training set; CRD's memory bank).
     """
 
     needs_teacher: bool = True
     views: int = 1
+    features: bool = False
+    needs_index: bool = False
 
     def forward(  # pragma: no cover - abstract
         self,

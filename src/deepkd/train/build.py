@@ -3,6 +3,7 @@ method, optimizer and schedule (the loop and the model card read a few plain val
 epochs, names, the train section)."""
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import Callable, Optional
@@ -13,12 +14,14 @@ from torch import nn
 from deepkd.data import FolderOptions, build_data
 from deepkd.errors import ConfigError, MissingFileError
 from deepkd.losses import Method
+from deepkd.losses.registry import METHODS
 from deepkd.losses.registry import build_method as _build_method
 from deepkd.models import create_model, load_pretrained
 from deepkd.models.ecosystem import data_config
+from deepkd.models.features import FeatureExtractor, feature_info
 from deepkd.models.teachers import find_teacher, missing_teacher_message
 from deepkd.train.data_config import FASHION_MNIST_KEYS, FOLDER_KEYS
-from deepkd.train.method_config import MethodConfig, method_views
+from deepkd.train.method_config import MethodConfig, method_features, method_needs_teacher, method_views
 from deepkd.train.optim_config import OptimizerConfig, ScheduleConfig
 from deepkd.train.optimizers import OPTIMIZERS, SCHEDULES
 from deepkd.train.run_config import ModelConfig, RunConfig
@@ -84,11 +87,11 @@ def build_student(cfg: ModelConfig, num_classes: int) -> nn.Module:
     return build_model(cfg, num_classes, "student")
 
 
-def build_teacher(cfg: Optional[ModelConfig], method: Method, num_classes: int,
+def build_teacher(cfg: Optional[ModelConfig], method: str, num_classes: int,
                   dataset: str = "cifar100") -> Optional[nn.Module]:
-    """The frozen teacher in eval mode, or None for a method that needs no teacher. Without
-    ``teacher.weights``, a CIFAR-100 teacher comes from the community teacher cache by name."""
-    if not method.needs_teacher:
+    """The frozen teacher in eval mode, or None for a ``method`` (its name) that needs no teacher.
+    Without ``teacher.weights``, a CIFAR-100 teacher comes from the community teacher cache by name."""
+    if not method_needs_teacher(method):
         return None
     if cfg is None:
         raise ConfigError("this method distils from a teacher: add a teacher section (name and weights)")
@@ -107,9 +110,33 @@ def build_teacher(cfg: Optional[ModelConfig], method: Method, num_classes: int,
     return teacher
 
 
-def build_method(cfg: MethodConfig) -> Method:
-    """The loss module from the method section alone (a DTM ramp end is the recipe's ``topk_ramp_end``)."""
-    return _build_method(cfg.name, **cfg.arguments())
+def build_method(cfg: MethodConfig, *, student: Optional[nn.Module] = None, teacher: Optional[nn.Module] = None,
+                 data=None) -> Method:
+    """The loss module from the method section (a DTM ramp end is the recipe's ``topk_ramp_end``). A
+    feature method's builder also gets what it declares of ``PROVIDED``: the student's and teacher's
+    feature shapes (a dry run on one test image's shape) and the training set's size."""
+    if not method_features(cfg.name):
+        return _build_method(cfg.name, **cfg.arguments())
+    wanted = inspect.signature(METHODS.get(cfg.name)).parameters
+    provided = {}
+    if {"student_info", "teacher_info"} & set(wanted):
+        shape = tuple(next(iter(data.test.iter_epoch(0)))[0].shape[1:])
+        provided["student_info"] = feature_info(student, shape)
+        provided["teacher_info"] = feature_info(teacher, shape) if teacher is not None else None
+    if "num_samples" in wanted:
+        provided["num_samples"] = data.train.num_samples
+    if getattr(METHODS.get(cfg.name), "needs_index", False) and not hasattr(data.train, "batch_views"):
+        raise ConfigError(f"method {cfg.name!r} needs each sample's index, which only the device-resident loader "
+                          "gives (cifar10, cifar100, fashion_mnist, synthetic, an in-memory image folder)")
+    return _build_method(cfg.name, **cfg.arguments(), **{k: v for k, v in provided.items() if k in wanted})
+
+
+def build_extractors(method: Method, student: nn.Module, teacher: Optional[nn.Module]):
+    """A feature method's ``(student, teacher)`` :class:`FeatureExtractor` pair (the architectures'
+    built-in feature points), else None: a logit method reads ``model(x)``."""
+    if not method.features:
+        return None
+    return FeatureExtractor(student), FeatureExtractor(teacher) if teacher is not None else None
 
 
 def build_sync_batchnorm(model: nn.Module, device: torch.device, ctx) -> nn.Module:
@@ -120,11 +147,17 @@ def build_sync_batchnorm(model: nn.Module, device: torch.device, ctx) -> nn.Modu
     return nn.SyncBatchNorm.convert_sync_batchnorm(model) if ctx.enabled else model
 
 
-def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
+def trainable(*modules: nn.Module) -> list:
+    """The trainable parameters of ``modules``, in order: the student's, then a feature method's own
+    (its connectors; mdistiller's ``get_learnable_parameters``)."""
+    return [p for module in modules for p in module.parameters() if p.requires_grad]
+
+
+def build_optimizer(cfg: OptimizerConfig, *modules: nn.Module) -> torch.optim.Optimizer:
     """The registered optimizer ``cfg.name`` (:data:`deepkd.train.optimizers.OPTIMIZERS`) over the
-    trainable parameters. Weight decay on every parameter (reference recipe: BN and biases included)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return OPTIMIZERS.get(cfg.name)(cfg, params)
+    trainable parameters of ``modules`` (:func:`trainable`). Weight decay on every parameter (reference
+    recipe: BN, biases and connectors included)."""
+    return OPTIMIZERS.get(cfg.name)(cfg, trainable(*modules))
 
 
 def build_schedule(cfg: ScheduleConfig, base_lr: float) -> Callable[[int, float], float]:

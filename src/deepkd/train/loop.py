@@ -3,7 +3,6 @@ loss terms, then either ``backward`` + ``step`` (plain optimizer) or per-stream 
 ``step(grads)`` (``DecoupledMomentumSGD``)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -37,6 +36,7 @@ from deepkd.train.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from deepkd.train.forward import autocast, forward_pair
 from deepkd.train.gsnr_probe import adapt_momentum, momentum_record
 from deepkd.train.logs import MetricsWriter, Progress
 from deepkd.train.meters import Meters
@@ -68,39 +68,24 @@ class Run:
     progress: Progress
     cache: Any = None  # TeacherLogitCache serving the teacher's logits per augmented view
     auto_momentum: Any = None  # GSNRMomentum of ``stream_momentum: auto`` (its state is checkpointed)
+    extractors: Any = None  # a feature method's (student, teacher) FeatureExtractors
 
     @property
     def decoupled(self) -> bool:
         return isinstance(self.optimizer, DecoupledMomentumSGD)
 
 
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast for the forward passes; losses are computed in float32 by the method."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def forward_views(model: nn.Module, images: torch.Tensor, concat: bool) -> torch.Tensor:
-    """Logits of ``[b, 3, H, W]`` images, or ``[2, b, C]`` of a two-view batch ``[2, b, 3, H, W]``:
-    one forward per view (per-view BatchNorm batch statistics, as MLKD and CRLD run), or ``concat``."""
-    if images.dim() == 4:
-        return model(images)
-    if concat:
-        return model(images.flatten(0, 1)).unflatten(0, images.shape[:2])
-    return torch.stack([model(view) for view in images])
-
-
 def train_step(run: Run, images: torch.Tensor, targets: torch.Tensor, epoch: int,
-               teacher_logits: Optional[torch.Tensor] = None):
+               teacher_logits: Optional[torch.Tensor] = None, index: Optional[torch.Tensor] = None):
     """One optimisation step; returns the detached loss terms and the student logits (of the weak
-    view for a two-view batch). ``teacher_logits`` (the teacher-logit cache) replaces the teacher forward."""
+    view for a two-view batch). ``teacher_logits`` (the teacher-logit cache) replace the teacher forward;
+    ``index`` (the samples' positions in the training set) goes to a method that ``needs_index``."""
     with autocast(run.device, run.cfg.train.precision):
-        logits = forward_views(run.forward, images, run.cfg.train.student_views == "concat")
-        if teacher_logits is None and run.teacher is not None:
-            with torch.no_grad():  # eval mode: both views in one forward give each view's own logits
-                teacher_logits = forward_views(run.teacher, images, concat=True).float()
-    terms = run.method(logits.float(), teacher_logits, targets, epoch=epoch)
+        student, teacher, logits = forward_pair(*(run.extractors or (run.forward, run.teacher)), images,
+                                                teacher_logits=teacher_logits,
+                                                concat=run.cfg.train.student_views == "concat")
+    extra = {"index": index} if run.method.needs_index else {}
+    terms = run.method(student, teacher, targets, epoch=epoch, **extra)  # logits, or a feature method's Features
     optimize(terms, run.optimizer, run.params, run.ctx)  # backward (one pass per momentum) + step
     weak = logits[0] if images.dim() == 5 else logits  # training accuracy: the weak view's, as the reference logs
     return {name: term.value.detach() for name, term in terms.items()}, weak.detach()
@@ -172,6 +157,7 @@ def save_state(run: Run, path: Path, position: Position) -> None:
     if not run.ctx.is_main:
         return
     state = {"format": FORMAT, "model": run.student.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "method": run.method.state_dict(),  # a feature method's connectors and memory (else empty)
              **position.as_dict(), "topk": run.method.topk(position.epoch), "rng": rng_state(),
              "config": config_to_dict(run.cfg), "provenance": provenance()}
     if run.auto_momentum is not None:
@@ -189,41 +175,48 @@ def setup_run(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> Run:
         device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
     data = build.build_dataset(cfg, device=device, rank=ctx.rank, world_size=ctx.world_size)
-    method = build.build_method(cfg.method)
     student = build.build_student(cfg.student, data.num_classes).to(device)
-    teacher = build.build_teacher(cfg.teacher, method, data.num_classes, cfg.data.dataset)
+    teacher = build.build_teacher(cfg.teacher, cfg.method.name, data.num_classes, cfg.data.dataset)
     teacher = teacher.to(device) if teacher is not None else None
+    method = build.build_method(cfg.method, student=student, teacher=teacher, data=data).to(device)
     if cfg.train.channels_last:
         student = student.to(memory_format=torch.channels_last)
         teacher = teacher.to(memory_format=torch.channels_last) if teacher is not None else None
     if cfg.train.sync_batchnorm:
         student = build.build_sync_batchnorm(student, device, ctx)
     broadcast_module(student, ctx)
-    optimizer = build.build_optimizer(cfg.optimizer, student)
+    broadcast_module(method, ctx)
+    optimizer = build.build_optimizer(cfg.optimizer, student, method)
     # "reduce-overhead" adds CUDA graphs: the small-batch CIFAR recipe is launch-bound on a GPU
     forward = torch.compile(student, mode=cfg.train.compile_mode) if cfg.train.compile else student
-    writer = None
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "data.json").write_text(json.dumps(data.facts(), indent=1))
-        writer = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb,
-                               wandb_project=cfg.train.wandb_project, config=config_to_dict(cfg))
     run = Run(cfg, run_dir, device, ctx, student, forward, teacher, method, optimizer,
               build.build_schedule(cfg.schedule, cfg.optimizer.lr), data,
-              [p for p in student.parameters() if p.requires_grad], writer,
+              build.trainable(student, method), _writer(cfg, run_dir, data, ctx, resume),
               Progress(cfg.train.progress, cfg.train.log_every, enabled=ctx.is_main),
-              auto_momentum=build_auto_momentum(cfg.optimizer))
+              auto_momentum=build_auto_momentum(cfg.optimizer),
+              extractors=build.build_extractors(method, student, teacher))
     if cfg.train.teacher_cache and teacher is not None:
         run.cache = build.build_teacher_cache(cfg, teacher, data.train, ctx)
     return run
+
+
+def _writer(cfg: RunConfig, run_dir: Path, data, ctx: Dist, resume: bool) -> Optional[MetricsWriter]:
+    """Rank 0: the folder's ``config.yaml`` (a new run's), ``data.json`` and the metrics writer."""
+    if not ctx.is_main:
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        save_config(cfg, run_dir / "config.yaml")
+    (run_dir / "data.json").write_text(json.dumps(data.facts(), indent=1))
+    return MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb,
+                         wandb_project=cfg.train.wandb_project, config=config_to_dict(cfg))
 
 
 def restore(run: Run, path: Path) -> Position:
     """Load ``last.pt`` into the run; returns where it stopped."""
     ckpt = load_checkpoint(path)
     run.student.load_state_dict(ckpt["model"])
+    run.method.load_state_dict(ckpt.get("method", {}))
     run.optimizer.load_state_dict(ckpt["optimizer"])  # with the coefficients (param_groups' stream_momentum)
     if run.auto_momentum is not None:
         run.auto_momentum.load_state_dict(ckpt["auto_momentum"])
@@ -263,8 +256,7 @@ def _run_epoch(run: Run, position: Position, stop: _Interrupt) -> Optional[Dict[
     for index, (images, targets) in enumerate(batches, start=start):
         _set_lr(run, epoch, index / total)
         images, targets = _to_device(images, targets, run.device, cfg.train.channels_last)
-        cached = run.cache.lookup(*loader.batch_views(epoch, index)) if run.cache is not None else None
-        terms, logits = train_step(run, images, targets, epoch, cached)
+        terms, logits = train_step(run, images, targets, epoch, *_batch_extras(run, loader, epoch, index))
         meters.update(terms, logits, targets)
         loss = torch.stack(list(terms.values())).sum()
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), position.step, bad_step)
@@ -287,6 +279,13 @@ def _run_epoch(run: Run, position: Position, stop: _Interrupt) -> Optional[Dict[
     _check_finite(run, bad_step)
     _check_parameters(run, position.step)
     return meters.averages(run.ctx)
+
+
+def _batch_extras(run: Run, loader, epoch: int, index: int):
+    """``(teacher logits from the cache, sample indices)`` of batch ``index``, each None when not used."""
+    views = loader.batch_views(epoch, index) if run.cache is not None or run.method.needs_index else None
+    cached = run.cache.lookup(*views) if run.cache is not None else None
+    return cached, views[0] if run.method.needs_index else None
 
 
 def _save_position(run: Run, position: Position, meters: Meters, bad_step: torch.Tensor) -> None:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from deepkd.registry import closest
 
-__all__ = ["MethodConfig", "is_deepkd_method", "method_needs_teacher", "method_views"]
+__all__ = ["MethodConfig", "is_deepkd_method", "method_features", "method_needs_teacher", "method_views"]
 
 
 def _method_builder(name: str) -> Callable:
@@ -38,6 +38,11 @@ def method_views(name: str) -> int:
     return registry.METHODS.info(name).get("views", getattr(_method_builder(name), "views", 1))
 
 
+def method_features(name: str) -> bool:
+    """A feature method: it reads the models' intermediate features (``Method.features``)."""
+    return bool(getattr(_method_builder(name), "features", False))
+
+
 def is_deepkd_method(name: str) -> bool:
     """A DeepKD method: registered with its ``base`` method, or taking the base as an argument."""
     from deepkd.losses import registry
@@ -61,7 +66,12 @@ class MethodConfig(BaseModel):
         params = inspect.signature(_method_builder(self.name)).parameters
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         valid = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        from deepkd.losses.base import PROVIDED
+
         for key in self.arguments():
+            if key in PROVIDED:
+                raise ValueError(f"method.{key} is set by the trainer from the models and the data: "
+                                 "remove it from the recipe")
             if not takes_any and key not in valid:
                 hint = closest(key, valid + ["name"])
                 near = f"; did you mean {hint[0]!r}?" if hint else ""
@@ -90,5 +100,7 @@ class MethodConfig(BaseModel):
 
 
 def _signature_defaults(name: str) -> Dict[str, Any]:
+    from deepkd.losses.base import PROVIDED
+
     params = inspect.signature(_method_builder(name)).parameters.values()
-    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty and p.name not in PROVIDED}

@@ -15,7 +15,13 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from deepkd.train.data_config import AnyDataConfig, DataConfig, DetectionDataConfig
-from deepkd.train.method_config import MethodConfig, is_deepkd_method, method_needs_teacher, method_views
+from deepkd.train.method_config import (
+    MethodConfig,
+    is_deepkd_method,
+    method_features,
+    method_needs_teacher,
+    method_views,
+)
 from deepkd.train.optim_config import OptimizerConfig, ScheduleConfig, SGDConfig, StepScheduleConfig
 from deepkd.train.schema import _Strict
 
@@ -88,7 +94,24 @@ class RunConfig(_Strict):
                              "trains its base method: set optimizer.name: decoupled (DeepKD), or "
                              "optimizer.allow_base_method: true to train the base method on purpose")
         self._check_task()
+        self._check_features()
         return self
+
+    def _check_features(self) -> None:
+        """A feature method reads the models' intermediate tensors on every step: no teacher-logit cache,
+        no per-sample GSNR probe (it feeds the method logits), no ``torch.compile`` (its hooks)."""
+        method = self.method.name
+        if not method_features(method):
+            return
+        used = [key for key, on in (("train.teacher_cache", self.train.teacher_cache),
+                                    ("train.gsnr_every", self.train.gsnr_every),
+                                    ("train.compile", self.train.compile),
+                                    ("optimizer.stream_momentum: auto",
+                                     getattr(self.optimizer, "stream_momentum", None) == "auto")) if on]
+        if self.detection or used:
+            what = "detection" if self.detection else used[0]
+            raise ValueError(f"{what} does not work with feature method {method!r} (it reads the models' "
+                             "intermediate features): turn it off or choose a logit method")
 
     @property
     def detection(self) -> bool:
