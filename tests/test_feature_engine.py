@@ -104,7 +104,8 @@ def test_connectors_are_trained_with_the_student(tmp_path, teacher_weights):
     cfg = feature_run(tmp_path, teacher_weights, {"name": "fitnet", "hint_layer": 1})
     run = setup_run(cfg, tmp_path / "run")
     connector = run.method.regressor[0].weight
-    assert any(p is connector for p in run.params) and len(run.params) == len(list(run.optimizer.param_groups[0]["params"]))
+    assert any(p is connector for p in run.params)
+    assert len(run.params) == len(run.optimizer.param_groups[0]["params"])
     before = connector.detach().clone()
     images, targets = next(iter(run.data.train.iter_epoch(1)))
     terms, _ = train_step(run, images, targets, 1)

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepkd.errors import ConfigError, UnknownNameError
+from deepkd.features import FeatureInfo, Features
 from deepkd.models.cifar_mobile import MobileNetV2, ShuffleNetV1, ShuffleNetV2
 from deepkd.models.cifar_resnet import CifarResNet, CifarResNetV2
 from deepkd.models.cifar_wrn_vgg import VGG, WideResNet
@@ -59,29 +60,6 @@ from deepkd.models.tiny import TinyCNN
 from deepkd.registry import closest
 
 SIDES = ("output", "input", "relu")
-
-
-@dataclass
-class Features:
-    """One forward pass: ``logits`` ``[B, K]`` (equal to ``model(x)``), ``stages`` (``[B, C_i, H_i, W_i]``
-    each, stem first), ``preact`` (the same before each stage's last ReLU, or ``None`` where the
-    architecture does not expose them) and ``pooled`` ``[B, C]`` (the classifier's input, or ``None``)."""
-
-    logits: torch.Tensor
-    stages: List[torch.Tensor]
-    preact: Optional[List[torch.Tensor]] = None
-    pooled: Optional[torch.Tensor] = None
-
-
-@dataclass(frozen=True)
-class FeatureInfo:
-    """Per stage: ``channels`` and spatial ``sizes`` (``(H, W)``); ``pooled`` channels (or ``None``);
-    ``preact``: whether pre-activation features exist."""
-
-    channels: List[int]
-    sizes: List[Tuple[int, ...]]
-    pooled: Optional[int]
-    preact: bool
 
 
 @dataclass(frozen=True)

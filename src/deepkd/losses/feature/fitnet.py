@@ -7,10 +7,10 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from deepkd.features import FeatureInfo, Features
 from deepkd.losses.base import LossTerm, Method
 from deepkd.losses.feature.connectors import conv_regressor, stage_shape
 from deepkd.losses.registry import register_method
-from deepkd.models.features import FeatureInfo, Features
 
 
 @register_method("fitnet", paper="Romero et al., FitNets: Hints for Thin Deep Nets, ICLR 2015")
