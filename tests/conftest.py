@@ -63,6 +63,37 @@ def trained_teacher(tmp_path):
     return str(tmp_path / "runs" / "teacher" / "seed3" / "best.pt")
 
 
+def feature_run(tmp_path, teacher_weights, method, **changes):
+    """The tiny synthetic run (:func:`tiny_config`), cnn_w4 -> cnn_w4 (``teacher_weights``), with ``method``
+    (a dict: name and arguments)."""
+    return tiny_config(tmp_path, method=method, teacher={"name": "cnn_w4", "weights": teacher_weights}, **changes)
+
+
+def assert_trains_and_resumes(tmp_path, teacher_weights, method, **changes):
+    """Two epochs of :func:`feature_run` straight through, and stopped at step 7 then resumed, end with the
+    same student, the same method state and the same top-1; the exported student holds only the student.
+    Returns the method's checkpointed state (its connectors, memory)."""
+    from safetensors.torch import load_file
+
+    from deepkd.train.loop import train
+
+    whole = train(feature_run(tmp_path / "a", teacher_weights, method, **changes))
+    cfg = feature_run(tmp_path / "b", teacher_weights, method, **changes)
+    stopped = train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"stop_after_steps": 7})}))
+    assert stopped["status"] == "stopped" and stopped["step"] == 7
+    resumed = train(cfg, resume=True)
+    assert resumed["status"] == whole["status"] == "finished"
+    a, b = torch.load(f"{whole['run_dir']}/last.pt"), torch.load(f"{resumed['run_dir']}/last.pt")
+    for part in ("model", "method"):
+        assert set(a[part]) == set(b[part])
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    assert resumed["last_top1"] == whole["last_top1"]
+    exported = load_file(f"{whole['run_dir']}/student.safetensors")
+    assert set(exported) <= set(a["model"]) and not set(exported) & set(a["method"])
+    return a["method"]
+
+
 def assert_same(ours, theirs, student):
     """Values and gradients w.r.t. the student logits agree to 1e-6 (float64)."""
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)

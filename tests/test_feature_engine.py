@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from deepkd.errors import ConfigError
 from deepkd.losses import build_method
 from deepkd.models import create_model
 from deepkd.models.features import FeatureExtractor, feature_info
-from tests.conftest import tiny_config, trained_teacher
+from tests.conftest import assert_trains_and_resumes, feature_run, tiny_config, trained_teacher
 
 
 def _pair(student="resnet8x4", teacher="resnet32x4", seed=0):
@@ -73,29 +72,9 @@ def teacher_weights(tmp_path_factory):
     return trained_teacher(tmp_path_factory.mktemp("teacher"))
 
 
-def feature_run(tmp_path, teacher_weights, method, **changes):
-    """The tiny synthetic run, cnn_w4 -> cnn_w4, with feature ``method`` (a dict)."""
-    return tiny_config(tmp_path, method=method, teacher={"name": "cnn_w4", "weights": teacher_weights}, **changes)
-
-
 def test_fitnet_trains_and_resumes_bit_exactly(tmp_path, teacher_weights):
-    from deepkd.train.loop import train
-
-    whole = train(feature_run(tmp_path / "a", teacher_weights, {"name": "fitnet", "hint_layer": 1}))
-    cfg = feature_run(tmp_path / "b", teacher_weights, {"name": "fitnet", "hint_layer": 1})
-    stopped = train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"stop_after_steps": 7})}))
-    assert stopped["status"] == "stopped" and stopped["step"] == 7
-    resumed = train(cfg, resume=True)
-    assert resumed["status"] == whole["status"] == "finished"
-    a, b = torch.load(f"{whole['run_dir']}/last.pt"), torch.load(f"{resumed['run_dir']}/last.pt")
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    assert set(a["method"]) >= {"regressor.0.weight", "regressor.1.running_mean"}
-    for key in a["method"]:
-        assert torch.equal(a["method"][key], b["method"][key]), key
-    assert resumed["last_top1"] == whole["last_top1"]
-    exported = load_file(f"{whole['run_dir']}/student.safetensors")
-    assert not any(key.startswith("regressor") for key in exported) and set(exported) <= set(a["model"])
+    method = assert_trains_and_resumes(tmp_path, teacher_weights, {"name": "fitnet", "hint_layer": 1})
+    assert set(method) >= {"regressor.0.weight", "regressor.1.running_mean"}
 
 
 def test_connectors_are_trained_with_the_student(tmp_path, teacher_weights):

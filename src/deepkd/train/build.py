@@ -125,6 +125,7 @@ def build_method(cfg: MethodConfig, *, student: Optional[nn.Module] = None, teac
         provided["teacher_info"] = feature_info(teacher, shape) if teacher is not None else None
     if "num_samples" in wanted:
         provided["num_samples"] = data.train.num_samples
+    provided.update(student_model=student, teacher_model=teacher)
     if getattr(METHODS.get(cfg.name), "needs_index", False) and not hasattr(data.train, "batch_views"):
         raise ConfigError(f"method {cfg.name!r} needs each sample's index, which only the device-resident loader "
                           "gives (cifar10, cifar100, fashion_mnist, synthetic, an in-memory image folder)")

@@ -1,5 +1,4 @@
 """Feature-distillation methods (``Method.features = True``): each reads the student's and the
-teacher's :class:`~deepkd.models.features.Features`. Importing this package registers them."""
-from deepkd.losses.feature.fitnet import FitNet
-
-__all__ = ["FitNet"]
+teacher's :class:`~deepkd.features.Features`. Importing this package registers them (one import
+line per method file)."""
+from deepkd.losses.feature.fitnet import FitNet  # noqa: F401
