@@ -16,7 +16,7 @@ from deepkd.losses.topk import DynamicTopK
 
 STREAMS = ("task", "target", "non_target")
 # keyword arguments a feature method's builder may declare; the trainer fills them, a recipe may not
-PROVIDED = ("student_info", "teacher_info", "num_samples", "student_model", "teacher_model")
+PROVIDED = ("student_info", "teacher_info", "num_samples", "train_labels", "student_model", "teacher_model")
 
 
 class LossTerm(NamedTuple):
@@ -61,7 +61,8 @@ class Method(nn.Module):
     and may own trainable modules (connectors, embeddings): the trainer optimizes them with the
     student and checkpoints them, and never exports them. Its builder may declare the keyword
     arguments of :data:`PROVIDED`: the trainer passes the student's and teacher's
-    :class:`~deepkd.features.FeatureInfo`, the training set's size and the two models themselves
+    :class:`~deepkd.features.FeatureInfo`, the training set's size and labels (``[N]``, by index;
+    device-resident loaders only) and the two models themselves
     (to read a value at build time, such as OFD's teacher BatchNorm margins: a method must not keep
     them as submodules, or they would be trained and checkpointed with it). With ``needs_index``
     it also gets ``index=`` (each sample's position in the training set; CRD's memory bank).

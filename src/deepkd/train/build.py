@@ -114,10 +114,13 @@ def build_method(cfg: MethodConfig, *, student: Optional[nn.Module] = None, teac
                  data=None) -> Method:
     """The loss module from the method section (a DTM ramp end is the recipe's ``topk_ramp_end``). A
     feature method's builder also gets what it declares of ``PROVIDED``: the student's and teacher's
-    feature shapes (a dry run on one test image's shape) and the training set's size."""
+    feature shapes (a dry run on one test image's shape), the training set's size and labels, the models."""
     if not method_features(cfg.name):
         return _build_method(cfg.name, **cfg.arguments())
     wanted = inspect.signature(METHODS.get(cfg.name)).parameters
+    if getattr(METHODS.get(cfg.name), "needs_index", False) and not hasattr(data.train, "batch_views"):
+        raise ConfigError(f"method {cfg.name!r} needs each sample's index, which only the device-resident loader "
+                          "gives (cifar10, cifar100, fashion_mnist, synthetic, an in-memory image folder)")
     provided = {}
     if {"student_info", "teacher_info"} & set(wanted):
         shape = tuple(next(iter(data.test.iter_epoch(0)))[0].shape[1:])
@@ -125,10 +128,9 @@ def build_method(cfg: MethodConfig, *, student: Optional[nn.Module] = None, teac
         provided["teacher_info"] = feature_info(teacher, shape) if teacher is not None else None
     if "num_samples" in wanted:
         provided["num_samples"] = data.train.num_samples
+    if "train_labels" in wanted:
+        provided["train_labels"] = data.train.labels.cpu()
     provided.update(student_model=student, teacher_model=teacher)
-    if getattr(METHODS.get(cfg.name), "needs_index", False) and not hasattr(data.train, "batch_views"):
-        raise ConfigError(f"method {cfg.name!r} needs each sample's index, which only the device-resident loader "
-                          "gives (cifar10, cifar100, fashion_mnist, synthetic, an in-memory image folder)")
     return _build_method(cfg.name, **cfg.arguments(), **{k: v for k, v in provided.items() if k in wanted})
 
 
