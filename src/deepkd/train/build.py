@@ -14,8 +14,8 @@ from torch import nn
 from deepkd.data import FolderOptions, build_data
 from deepkd.errors import ConfigError, MissingFileError
 from deepkd.losses import Method
-from deepkd.losses.registry import METHODS
 from deepkd.losses.registry import build_method as _build_method
+from deepkd.losses.registry import method_builder
 from deepkd.models import create_model, load_pretrained
 from deepkd.models.ecosystem import data_config
 from deepkd.models.features import FeatureExtractor, feature_info
@@ -117,8 +117,8 @@ def build_method(cfg: MethodConfig, *, student: Optional[nn.Module] = None, teac
     feature shapes (a dry run on one test image's shape), the training set's size and labels, the models."""
     if not method_features(cfg.name):
         return _build_method(cfg.name, **cfg.arguments())
-    wanted = inspect.signature(METHODS.get(cfg.name)).parameters
-    if getattr(METHODS.get(cfg.name), "needs_index", False) and not hasattr(data.train, "batch_views"):
+    wanted = inspect.signature(method_builder(cfg.name)).parameters
+    if getattr(method_builder(cfg.name), "needs_index", False) and not hasattr(data.train, "batch_views"):
         raise ConfigError(f"method {cfg.name!r} needs each sample's index, which only the device-resident loader "
                           "gives (cifar10, cifar100, fashion_mnist, synthetic, an in-memory image folder)")
     provided = {}

@@ -18,7 +18,7 @@ def _method_builder(name: str) -> Callable:
     from deepkd.losses import registry
 
     try:
-        return registry.METHODS.get(name)
+        return registry.method_builder(name)
     except KeyError as err:
         raise ValueError(str(err).strip('"')) from None
 
@@ -28,14 +28,14 @@ def method_needs_teacher(name: str) -> bool:
     from deepkd.losses import registry
 
     builder = _method_builder(name)
-    return registry.METHODS.info(name).get("needs_teacher", getattr(builder, "needs_teacher", True))
+    return registry.method_info(name).get("needs_teacher", getattr(builder, "needs_teacher", True))
 
 
 def method_views(name: str) -> int:
     """Views per training image the method takes: 2 for MLKD/CRLD (weak, strong), else 1."""
     from deepkd.losses import registry
 
-    return registry.METHODS.info(name).get("views", getattr(_method_builder(name), "views", 1))
+    return registry.method_info(name).get("views", getattr(_method_builder(name), "views", 1))
 
 
 def method_features(name: str) -> bool:
@@ -44,9 +44,13 @@ def method_features(name: str) -> bool:
 
 
 def is_deepkd_method(name: str) -> bool:
-    """A DeepKD method: registered with its ``base`` method, or taking the base as an argument."""
+    """A DeepKD method: registered with its ``base`` method, or taking the base as an argument; a
+    combined method with a DeepKD part."""
     from deepkd.losses import registry
 
+    if "+" in name:
+        _method_builder(name)
+        return any(is_deepkd_method(part) for part in name.split("+"))
     return "base" in registry.METHODS.info(name) or "base" in inspect.signature(_method_builder(name)).parameters
 
 
@@ -63,11 +67,13 @@ class MethodConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_arguments(self) -> "MethodConfig":
+        from deepkd.losses.base import PROVIDED
+
         params = inspect.signature(_method_builder(self.name)).parameters
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         valid = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        from deepkd.losses.base import PROVIDED
-
+        if "+" in self.name:
+            self._check_parts()
         for key in self.arguments():
             if key in PROVIDED:
                 raise ValueError(f"method.{key} is set by the trainer from the models and the data: "
@@ -78,6 +84,17 @@ class MethodConfig(BaseModel):
                 raise ValueError(f"method {self.name!r} has no argument {key!r}{near}")
         self._check_topk()
         return self
+
+    def _check_parts(self) -> None:
+        """A combined method's ``method.<part>`` sections: mappings, each checked as that part's own section."""
+        for part in self.name.split("+"):
+            section = self.arguments().get(part) or {}
+            if not isinstance(section, dict):
+                raise ValueError(f"method.{part} must be a mapping of {part}'s arguments, not {section!r}")
+            try:
+                MethodConfig(name=part, **section)
+            except ValueError as err:
+                raise ValueError(f"method.{part}: {_message(err)}") from None
 
     def _check_topk(self) -> None:
         arguments, defaults = self.arguments(), _signature_defaults(self.name)
@@ -97,6 +114,12 @@ class MethodConfig(BaseModel):
     def resolved_arguments(self) -> Dict[str, Any]:
         """The builder's named arguments with their signature defaults, overridden by the recipe's."""
         return {**_signature_defaults(self.name), **self.arguments()}
+
+
+def _message(err: ValueError) -> str:
+    """The sentence of a nested section's validation error (pydantic wraps it)."""
+    errors = getattr(err, "errors", None)
+    return str(errors()[0]["msg"]).removeprefix("Value error, ") if callable(errors) else str(err)
 
 
 def _signature_defaults(name: str) -> Dict[str, Any]:
