@@ -160,9 +160,11 @@ def cmd_list(args) -> int:
 
         print(format_model_table(args.pattern))
     elif args.what == "methods":
-        from deepkd.losses.registry import list_methods
+        from deepkd.losses.registry import list_methods, method_info
 
-        print("\n".join(list_methods()))
+        names = list_methods(args.pattern)
+        width = max((len(n) for n in names), default=0)
+        print("\n".join(f"{n:<{width}}  {method_info(n).get('paper', '')}".rstrip() for n in names))
     else:
         from deepkd.train.recipes import list_recipes
 
