@@ -63,6 +63,20 @@ def trained_teacher(tmp_path):
     return str(tmp_path / "runs" / "teacher" / "seed3" / "best.pt")
 
 
+def pair_features(student="resnet8x4", teacher="resnet32x4", batch=6, seed=0):
+    """Float64 ``(student Features, teacher Features (no grad), target, student FeatureInfo, teacher
+    FeatureInfo)`` of a zoo pair on random CIFAR-sized images (10 classes): the feature parity tests' input."""
+    from deepkd.models import create_model
+    from deepkd.models.features import FeatureExtractor, feature_info
+
+    torch.manual_seed(seed)
+    s, t = create_model(student, num_classes=10).double(), create_model(teacher, num_classes=10).double().eval()
+    images, target = torch.randn(batch, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (batch,))
+    with torch.no_grad():
+        ft = FeatureExtractor(t)(images)
+    return FeatureExtractor(s)(images), ft, target, feature_info(s, (3, 32, 32)), feature_info(t, (3, 32, 32))
+
+
 def feature_run(tmp_path, teacher_weights, method, **changes):
     """The tiny synthetic run (:func:`tiny_config`), cnn_w4 -> cnn_w4 (``teacher_weights``), with ``method``
     (a dict: name and arguments)."""

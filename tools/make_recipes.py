@@ -14,6 +14,9 @@ from typing import Dict, Optional
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from feature_recipes import write_feature_recipes  # noqa: E402  (a sibling script's data and writer)
+
 ROOT = Path(__file__).resolve().parents[1] / "src" / "deepkd" / "configs"
 RECIPES: Dict[str, str] = {}  # path relative to ROOT -> file text, filled by the write_* functions
 SMALL_LR = {"ShuffleV1", "ShuffleV2", "MobileNetV2"}
@@ -634,6 +637,7 @@ def recipes() -> Dict[str, str]:
     write_tinyimagenet()
     write_coco()
     write_mlkd_crld()
+    write_feature_recipes(write, ROOT, cifar_base, teacher, UNVERIFIED)
     return dict(RECIPES)
 
 

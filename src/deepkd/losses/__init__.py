@@ -9,6 +9,7 @@ from deepkd.losses import functional
 from deepkd.losses.base import STREAMS, LossTerm, Method, stream_losses, total_loss, warmup_factor
 from deepkd.losses.ce import CrossEntropy
 from deepkd.losses.crld import CRLD, DeepKDCRLD
+from deepkd.losses.ctkd import CTKD
 from deepkd.losses.deepkd import DeepKDKD, deepkd
 from deepkd.losses.dkd import DKD
 from deepkd.losses.dtkd import DTKD
@@ -20,5 +21,5 @@ from deepkd.losses.registry import METHODS, build_method, list_methods, register
 
 __all__ = ["STREAMS", "LossTerm", "Method", "stream_losses", "total_loss", "warmup_factor",
            "functional", "CrossEntropy", "KD", "DKD", "DTKD", "DTKDDKD", "DeepKDKD", "deepkd",
-           "MLKD", "DeepKDMLKD", "CRLD", "DeepKDCRLD", "FitNet",
+           "MLKD", "DeepKDMLKD", "CRLD", "DeepKDCRLD", "CTKD", "FitNet",
            "METHODS", "build_method", "list_methods", "register_method"]

@@ -10,7 +10,7 @@ from deepkd.losses.base import LossTerm, Method
 from deepkd.losses.registry import register_method
 
 
-@register_method("ce", needs_teacher=False)
+@register_method("ce", needs_teacher=False, paper="the student alone: cross-entropy on the labels")
 class CrossEntropy(Method):
     """``{"ce": CE(zs, y)}`` on the task stream; ``teacher_logits`` is ignored (may be None)."""
 

@@ -29,6 +29,11 @@ Reference quirks as options, default = reference (MLKD_CRLD.md 6.2):
 
 DeepKD's dynamic top-k mask (``topk*``, off by default; the reference passes TOPK, 0 in every
 config) masks each NCKD pair by the ranking of the teacher view that pair distils from.
+
+``logit_stand=True`` (Sun et al., CVPR 2024; ``deepkd.losses.common``): every KD pair (or TCKD and
+NCKD, and the top-k mask's ranking) sees both logits z-scored per sample; CE and the confidence masks
+(thresholds on the teacher's raw softmax) see the raw ones, as the logit-standardisation code's MLKD
+keeps its masks (deepkd's choice: that code has no CRLD). No published recipe combines the two.
 """
 from __future__ import annotations
 
@@ -41,8 +46,8 @@ from deepkd.losses import _core
 from deepkd.losses import functional as F
 from deepkd.losses import multiview as V
 from deepkd.losses.base import LossTerm, Method, warmup_factor
-from deepkd.losses.common import check_non_negative, check_positive
-from deepkd.losses.registry import register_method
+from deepkd.losses.common import check_non_negative, check_positive, distillation_logits
+from deepkd.losses.registry import DEEPKD_PAPER, register_method
 from deepkd.losses.topk import TOPK_RAMP_END, TOPK_START_FRACTION
 
 MASKS = ("fraction", "per_sample")
@@ -80,7 +85,7 @@ def _ce_term(method, student: torch.Tensor, target: torch.Tensor) -> LossTerm:
     return LossTerm(method.ce_weight * ce, "task")
 
 
-@register_method("crld")
+@register_method("crld", paper="Zhang et al., Consistency-Regularisation-based Logit Distillation (CRLD), ACM MM 2024")
 class CRLD(Method):
     """Plain CRLD (MLKD_CRLD.md 2.1). Terms ``ce`` (task), ``kd_wv`` and ``kd_cv`` (target).
 
@@ -95,13 +100,14 @@ class CRLD(Method):
     def __init__(self, *, ce_weight: float = 1.0, within_view_weight: float = 2.0,
                  cross_view_weight: float = 0.5, temperature: float = 4.0, weak_threshold: float = 0.9,
                  strong_threshold: float = 0.2, warmup_epochs: int = 0, mask: str = "per_sample",
-                 correlation_group_size: Optional[int] = None):
+                 correlation_group_size: Optional[int] = None, logit_stand: bool = False):
         super().__init__()
         _check_options(temperature, warmup_epochs, mask, correlation_group_size)
         self.ce_weight, self.within_view_weight = ce_weight, within_view_weight
         self.cross_view_weight = cross_view_weight
         self.temperature, self.weak_threshold, self.strong_threshold = temperature, weak_threshold, strong_threshold
         self.warmup_epochs, self.mask, self.correlation_group_size = warmup_epochs, mask, correlation_group_size
+        self.logit_stand = logit_stand
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor],
                 target: torch.Tensor, *, epoch: int) -> Dict[str, LossTerm]:
@@ -113,14 +119,16 @@ class CRLD(Method):
     def _group_loss(self, student, teacher, target, *, epoch):
         scale = warmup_factor(epoch, self.warmup_epochs)
         terms = {"ce": _ce_term(self, student, target)}
-        pairs = _pairs(self, student, teacher, target)
+        distilled, distilled_teacher = distillation_logits(self, student, teacher)
+        pairs = _pairs(self, distilled, teacher, target)  # the masks read the raw teacher
         for name, (weight, pair_student, pair_target) in zip(("kd_wv", "kd_cv"), pairs):
-            kd = F.kd(pair_student, teacher, temperature=self.temperature, target=pair_target, validate=False)
+            kd = F.kd(pair_student, distilled_teacher, temperature=self.temperature, target=pair_target,
+                      validate=False)
             terms[name] = LossTerm(scale * weight * kd, "target")
         return terms
 
 
-@register_method("deepkd_crld", base="crld")
+@register_method("deepkd_crld", base="crld", paper=DEEPKD_PAPER + " on CRLD")
 class DeepKDCRLD(Method):
     """DeepKD on CRLD (MLKD_CRLD.md 2.2): terms ``ce`` (task), ``tckd`` (target), ``nckd`` (non_target);
     every pair's KD becomes ``alpha w(e) TCKD + beta w(e) NCKD``.
@@ -138,8 +146,10 @@ class DeepKDCRLD(Method):
                  strong_threshold: float = 0.2, alpha: float = 1.0, beta: float = 8.0, warmup_epochs: int = 20,
                  mask: str = "fraction", correlation_group_size: Optional[int] = None, topk: bool = False,
                  topk_start_fraction: float = TOPK_START_FRACTION, topk_ramp_start: Optional[int] = None,
-                 topk_ramp_end: Optional[int] = TOPK_RAMP_END, topk_count_target: bool = False):
+                 topk_ramp_end: Optional[int] = TOPK_RAMP_END, topk_count_target: bool = False,
+                 logit_stand: bool = False):
         super().__init__()
+        self.logit_stand = logit_stand
         _check_options(temperature, warmup_epochs, mask, correlation_group_size)
         self.ce_weight, self.within_view_weight = ce_weight, within_view_weight
         self.cross_view_weight = cross_view_weight
@@ -159,11 +169,12 @@ class DeepKDCRLD(Method):
 
     def _group_loss(self, student, teacher, target, *, epoch):
         # Each pair's NCKD is masked by its teacher view's ranking: both pair lists use `teacher`.
-        keep = self.dtm.keep(teacher, target.expand(2, -1), epoch, V.DROPPED)
+        distilled, distilled_teacher = distillation_logits(self, student, teacher)
+        keep = self.dtm.keep(distilled_teacher, target.expand(2, -1), epoch, V.DROPPED)
         tckd = nckd = 0.0
-        for weight, pair_student, pair_target in _pairs(self, student, teacher, target):
-            terms = F.decoupled(pair_student, teacher, pair_target, temperature=self.temperature, keep=keep,
-                                validate=False)
+        for weight, pair_student, pair_target in _pairs(self, distilled, teacher, target):  # masks: raw teacher
+            terms = F.decoupled(pair_student, distilled_teacher, pair_target, temperature=self.temperature,
+                                keep=keep, validate=False)
             tckd, nckd = tckd + weight * terms.tckd, nckd + weight * terms.nckd
         scale = warmup_factor(epoch, self.warmup_epochs)
         return {"ce": _ce_term(self, student, target), "tckd": LossTerm(scale * self.alpha * tckd, "target"),

@@ -15,6 +15,7 @@ Conventions shared by every function:
   (default: the student's) lets the teacher softmax run at its own temperature; the KL of a row is
   then scaled by ``temperature * teacher_temperature`` (``T^2`` when they are equal). This is how
   deepkd's DTKD+DKD decomposition (METHODS.md 5.4) uses :func:`tckd` / :func:`nckd`.
+- :func:`standardize` is the logit standardisation a method applies first with ``logit_stand=True``.
 """
 from __future__ import annotations
 
@@ -27,8 +28,27 @@ import torch.nn.functional as torch_functional
 from deepkd.losses import _core
 from deepkd.losses._core import Temperature
 
-__all__ = ["cross_entropy", "kd", "tckd", "nckd", "dkd", "decoupled", "DecoupledTerms", "dtkd",
+__all__ = ["standardize", "cross_entropy", "kd", "tckd", "nckd", "dkd", "decoupled", "DecoupledTerms", "dtkd",
            "dynamic_temperatures", "dynamic_decoupled", "topk_keep_mask", "dtm_k"]
+
+
+# The reference code's constant added to the standard deviation (logit standardisation).
+STANDARDIZE_EPS = 1e-7
+
+
+def standardize(logits: torch.Tensor) -> torch.Tensor:
+    """Logit standardisation (Sun et al., CVPR 2024): ``(z - mean_c z) / (std_c z + 1e-7)`` per position.
+
+    ``[..., C]`` -> ``[..., C]``: the z-score of each position's logits over the class axis, with the
+    unbiased standard deviation (``torch.std``'s default, as the reference code) and 1e-7 added to it.
+    Gradients flow through the mean and the deviation (the student's side); half and bfloat16 inputs
+    are computed in float32, float64 stays float64. Needs C >= 2 (one class has no deviation).
+    """
+    if logits.dim() < 1 or logits.shape[-1] < 2:
+        raise ValueError(f"logit standardisation needs logits [..., C] with C >= 2, got {tuple(logits.shape)}")
+    with _core.full_precision(logits.device):
+        z = logits.to(_core.compute_dtype(logits))
+        return (z - z.mean(dim=-1, keepdim=True)) / (z.std(dim=-1, keepdim=True) + STANDARDIZE_EPS)
 
 
 def cross_entropy(student: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100,

@@ -34,6 +34,13 @@ Reference quirks, each an option whose default is the reference (MLKD_CRLD.md 6.
 The median is ``torch.quantile`` on the device (M4, the reference: numpy on the CPU, same value).
 DeepKD's dynamic top-k mask (``topk*``, off by default, deepkd's extension: the reference never
 passes it to MLKD) masks every NCKD part by its own teacher view's ranking.
+
+``logit_stand=True`` (Sun et al., CVPR 2024; ``deepkd.losses.common``): the instance-level terms (KD,
+or TCKD and NCKD, and the top-k mask's ranking) see both logits z-scored per sample; CE, CC, BC and
+the confidence masks see the raw ones. NOTE(paper): that is the reference code's choice (its MLKD
+passes ``logit_stand`` to the instance KD only), not "every distillation term". Its recipe must
+set ``temperature: 2`` (T0; the fixed 3, 5, 2, 6 stay) and ``kd_weight: 9`` (ce_weight 0.1; some
+pairs' logs use weight 6). DeepKD's MLKD has no published recipe with it.
 """
 from __future__ import annotations
 
@@ -46,8 +53,8 @@ from deepkd.losses import _core
 from deepkd.losses import functional as F
 from deepkd.losses import multiview as V
 from deepkd.losses.base import LossTerm, Method, warmup_factor
-from deepkd.losses.common import check_non_negative, check_positive
-from deepkd.losses.registry import register_method
+from deepkd.losses.common import check_non_negative, check_positive, distillation_logits
+from deepkd.losses.registry import DEEPKD_PAPER, register_method
 from deepkd.losses.topk import TOPK_RAMP_END, TOPK_START_FRACTION
 
 # MLKD's hard-coded temperatures after T0: the strong view's instance terms use T0, 3, 5 and T = 2, 6
@@ -102,7 +109,7 @@ def _instance_parts(method, target: torch.Tensor, sample_mask: torch.Tensor, dty
     return [weak, (1.0, V.STRONG, main, target), (1.0, V.WEAK, t26, target)]
 
 
-@register_method("mlkd")
+@register_method("mlkd", paper="Jin et al., Multi-Level Logit Distillation, CVPR 2023")
 class MLKD(Method):
     """Plain MLKD (MLKD_CRLD.md 1.1). Terms ``ce`` (task), ``kd`` (target), ``cc`` and ``bc`` (task).
 
@@ -115,12 +122,12 @@ class MLKD(Method):
 
     def __init__(self, *, temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9,
                  warmup_epochs: int = 0, mask: str = "fraction", strong_t26: str = "weak",
-                 correlation_group_size: Optional[int] = None):
+                 correlation_group_size: Optional[int] = None, logit_stand: bool = False):
         super().__init__()
         _check_options(temperature, warmup_epochs, mask, strong_t26, correlation_group_size)
         self.temperature, self.ce_weight, self.kd_weight = temperature, ce_weight, kd_weight
         self.warmup_epochs, self.mask, self.strong_t26 = warmup_epochs, mask, strong_t26
-        self.correlation_group_size = correlation_group_size
+        self.correlation_group_size, self.logit_stand = correlation_group_size, logit_stand
         self.temperatures = (float(temperature),) + FIXED_TEMPERATURES
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor],
@@ -134,13 +141,14 @@ class MLKD(Method):
         masks = mlkd_masks(teacher[V.WEAK])
         terms = _task_terms(self, student, teacher, target, masks)
         parts = _instance_parts(self, target, masks[0], _core.compute_dtype(student))
+        student, teacher = distillation_logits(self, student, teacher)  # the instance terms' logits
         kd = sum(weight * V.kd_sum(student[view], teacher[view], temperatures, part_target)
                  for weight, view, temperatures, part_target in parts)
         terms["kd"] = LossTerm(warmup_factor(epoch, self.warmup_epochs) * self.kd_weight * kd, "target")
         return {name: terms[name] for name in ("ce", "kd", "cc", "bc")}
 
 
-@register_method("deepkd_mlkd", base="mlkd")
+@register_method("deepkd_mlkd", base="mlkd", paper=DEEPKD_PAPER + " on MLKD")
 class DeepKDMLKD(Method):
     """DeepKD on MLKD (MLKD_CRLD.md 1.2): terms ``ce``, ``cc``, ``bc`` (task), ``tckd`` (target) and
     ``nckd`` (non_target); every instance-level KD term becomes ``alpha w(e) TCKD + beta w(e) NCKD``.
@@ -158,9 +166,10 @@ class DeepKDMLKD(Method):
                  strong_t26: str = "strong", correlation_group_size: Optional[int] = None,
                  topk: bool = False, topk_start_fraction: float = TOPK_START_FRACTION,
                  topk_ramp_start: Optional[int] = None, topk_ramp_end: Optional[int] = TOPK_RAMP_END,
-                 topk_count_target: bool = False):
+                 topk_count_target: bool = False, logit_stand: bool = False):
         super().__init__()
         _check_options(temperature, warmup_epochs, mask, strong_t26, correlation_group_size)
+        self.logit_stand = logit_stand
         self.temperature, self.ce_weight, self.kd_weight = temperature, ce_weight, kd_weight
         self.alpha, self.beta, self.warmup_epochs = alpha, beta, warmup_epochs
         self.mask, self.strong_t26, self.correlation_group_size = mask, strong_t26, correlation_group_size
@@ -179,10 +188,11 @@ class DeepKDMLKD(Method):
     def _group_loss(self, student, teacher, target, *, epoch):
         masks = mlkd_masks(teacher[V.WEAK])
         terms = _task_terms(self, student, teacher, target, masks)
+        parts = _instance_parts(self, target, masks[0], _core.compute_dtype(student))
+        student, teacher = distillation_logits(self, student, teacher)  # the instance terms' logits
         keeps = [self.dtm.keep(teacher[view], target, epoch, V.DROPPED) for view in (V.WEAK, V.STRONG)]
         tckd = nckd = 0.0
-        for weight, view, temperatures, part_target in _instance_parts(
-                self, target, masks[0], _core.compute_dtype(student)):
+        for weight, view, temperatures, part_target in parts:
             tc, nc = V.decoupled_sum(student[view], teacher[view], part_target, temperatures, keeps[view])
             tckd, nckd = tckd + weight * tc, nckd + weight * nc
         scale = warmup_factor(epoch, self.warmup_epochs) * self.kd_weight

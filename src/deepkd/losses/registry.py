@@ -16,6 +16,7 @@ from deepkd.losses.combined import Combined
 from deepkd.registry import Registry
 
 METHODS = Registry("method")
+DEEPKD_PAPER = "Huang et al., DeepKD (decoupled momentum, dynamic top-k mask), arXiv 2505.15133, 2025,"
 
 
 def register_method(name: Optional[str] = None, **info: Any):
