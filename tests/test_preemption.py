@@ -24,10 +24,10 @@ import torch
 import yaml
 
 from deepkd.cli import main
+from deepkd.engine import checkpoint
 from deepkd.engine.checkpoint import atomic_save, load_checkpoint
 from deepkd.engine.lock import LOCK_NAME, acquire_run_lock
 from deepkd.errors import RunLockedError, TrainingError
-from deepkd.train import checkpoint
 from deepkd.train.config_errors import validate_config
 from deepkd.train.loop import train
 
