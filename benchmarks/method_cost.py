@@ -3,7 +3,7 @@
     python benchmarks/method_cost.py [--json] [--repeats 10] [--batch 64] [--methods kd,dkd,fitnet,...]
 
 One real training step of deepkd (``deepkd.train.forward.forward_pair`` + the method +
-``deepkd.train.step.optimize`` with SGD momentum 0.9) on resnet32x4 -> resnet8x4, CIFAR-sized random
+``deepkd.engine.step.optimize`` with SGD momentum 0.9) on resnet32x4 -> resnet8x4, CIFAR-sized random
 images, for every registered method (logit and feature) with its defaults. The methods take turns
 within each repetition so that machine noise hits them alike; the step time is reported as the
 median over ``--repeats`` repetitions, divided by KD's median. Memory: the bytes of the tensors the
@@ -22,13 +22,13 @@ from typing import Dict
 
 import torch
 
+from deepkd.engine.distributed import Dist
+from deepkd.engine.step import optimize
 from deepkd.losses.base import PROVIDED
 from deepkd.losses.registry import list_methods, method_builder
 from deepkd.models import create_model
 from deepkd.models.features import FeatureExtractor, feature_info
-from deepkd.train.distributed import Dist
 from deepkd.train.forward import forward_pair
-from deepkd.train.step import optimize
 
 TRAIN_SIZE, CLASSES = 50_000, 100
 

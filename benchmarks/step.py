@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deepkd.engine.distributed import Dist
+from deepkd.engine.logs import Progress
 from deepkd.losses.registry import build_method
 from deepkd.models import create_model
 from deepkd.optim import DecoupledMomentumSGD
 from deepkd.train.config import validate_config
-from deepkd.train.distributed import Dist
-from deepkd.train.logs import Progress
 from deepkd.train.loop import Run, train_step
 
 METHODS = ["kd", "dkd", "dtkd", "deepkd_dkd"]

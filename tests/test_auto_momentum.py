@@ -8,9 +8,9 @@ import torch
 from conftest import tiny_config, trained_teacher
 from torch import nn
 
+from deepkd.engine.checkpoint import load_checkpoint
 from deepkd.optim import DecoupledMomentumSGD, gsnr, stream_grads
 from deepkd.optim import GSNRMomentum as _Rule
-from deepkd.train.checkpoint import load_checkpoint
 from deepkd.train.config import ConfigError, config_to_dict
 from deepkd.train.config_errors import validate_config
 from deepkd.train.loop import train
@@ -324,8 +324,8 @@ def _ranks_worker(rank, init_file, results):
 
     import torch.distributed as dist
 
+    from deepkd.engine.distributed import Dist
     from deepkd.losses import build_method
-    from deepkd.train.distributed import Dist
     from deepkd.train.gsnr_probe import adapt_momentum, measure_gsnr
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from deepkd.cli import main
-from deepkd.train.checkpoint import load_checkpoint
+from deepkd.engine.checkpoint import load_checkpoint
 
 RECIPE = {
     "experiment": "cli", "seed": 1,

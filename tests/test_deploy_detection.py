@@ -17,7 +17,7 @@ from deepkd.train.config import validate_config
 @pytest.fixture(scope="module")
 def detection_run(tmp_path_factory):
     """tiny_fasterrcnn trained 1 epoch (4 steps) on 8 synthetic 128-px images; 4 validation images."""
-    from deepkd.detection.run import train_detection
+    from deepkd.train.loop import train
 
     tmp = tmp_path_factory.mktemp("det")
     cfg = validate_config({
@@ -28,7 +28,7 @@ def detection_run(tmp_path_factory):
         "optimizer": {"name": "sgd", "lr": 0.02}, "schedule": {"name": "multistep_iter", "epochs": 1,
                                                               "milestones": [6], "warmup_iterations": 3},
         "train": {"device": "cpu", "progress": "none"}})
-    return Path(train_detection(cfg)["run_dir"])
+    return Path(train(cfg)["run_dir"])
 
 
 def test_a_detection_run_exports_its_detector_to_onnx(detection_run, capsys):

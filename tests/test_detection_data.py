@@ -25,8 +25,8 @@ from deepkd.detection import (
     tiny_fasterrcnn,
     write_synthetic_coco,
 )
+from deepkd.engine.distributed import Dist
 from deepkd.errors import DataError, MissingFileError
-from deepkd.train.distributed import Dist
 
 
 def _write_jpeg(path, width, height, seed=0):

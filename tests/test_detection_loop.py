@@ -19,10 +19,10 @@ from deepkd.detection import (
     warmup_multistep_lr,
     write_synthetic_coco,
 )
+from deepkd.engine.checkpoint import load_checkpoint
 from deepkd.errors import RunExistsError, TrainingError
 from deepkd.losses import LossTerm, Method, build_method
 from deepkd.optim import DecoupledMomentumSGD
-from deepkd.train.checkpoint import load_checkpoint
 
 CLASSES = 8
 DKD = dict(alpha=1.0, beta=0.25, temperature=1.0, warmup_epochs=0)

@@ -8,10 +8,10 @@ import yaml
 
 from deepkd.cli import main
 from deepkd.detection import list_detectors
-from deepkd.detection.run import build_detection_lr
+from deepkd.engine.logs import read_jsonl
 from deepkd.train import build
 from deepkd.train.config import ConfigError, config_to_dict, load_config
-from deepkd.train.logs import read_jsonl
+from deepkd.train.detection_task import build_detection_lr
 from deepkd.train.method_config import is_deepkd_method
 from deepkd.train.recipes import find_recipe, list_recipes
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from deepkd.engine.distributed import Dist
+from deepkd.engine.step import optimize
 from deepkd.losses import build_method
 from deepkd.models import create_model
 from deepkd.optim import DecoupledMomentumSGD
-from deepkd.train.distributed import Dist
-from deepkd.train.step import optimize
 
 LR, WD, M, DELTA, T, CE_W, KD_W = 0.05, 5e-4, 0.9, 0.075, 4.0, 0.1, 0.9
 

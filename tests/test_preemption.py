@@ -24,11 +24,11 @@ import torch
 import yaml
 
 from deepkd.cli import main
+from deepkd.engine import checkpoint
+from deepkd.engine.checkpoint import atomic_save, load_checkpoint
+from deepkd.engine.lock import LOCK_NAME, acquire_run_lock
 from deepkd.errors import RunLockedError, TrainingError
-from deepkd.train import checkpoint
-from deepkd.train.checkpoint import atomic_save, load_checkpoint
 from deepkd.train.config_errors import validate_config
-from deepkd.train.lock import LOCK_NAME, acquire_run_lock
 from deepkd.train.loop import train
 
 STEPS_PER_EPOCH, EPOCHS = 20, 3
@@ -230,7 +230,7 @@ def test_sigterm_and_sigusr1_stop_exit_zero_and_resume_identical(tmp_path, refer
 
 
 def _hold_lock_in_subprocess(run_dir: Path) -> subprocess.Popen:
-    code = (f"import time; from deepkd.train.lock import acquire_run_lock; lock = acquire_run_lock({str(run_dir)!r}); "
+    code = (f"import time; from deepkd.engine.lock import acquire_run_lock; lock = acquire_run_lock({str(run_dir)!r}); "
             "print('held', flush=True); time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=ENV)
     assert holder.stdout.readline().strip() == "held"
@@ -281,7 +281,7 @@ def test_lock_without_flock_falls_back_to_the_pid(tmp_path, monkeypatch):
 
 FORKING_TRAINER = """
 import os, sys, time
-from deepkd.train.lock import acquire_run_lock
+from deepkd.engine.lock import acquire_run_lock
 lock = acquire_run_lock(sys.argv[1])
 worker = os.fork()
 if worker == 0:
@@ -366,7 +366,7 @@ def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step(tmp_path):
 # -- failed checkpoint writes --------------------------------------------------------------------------
 
 def _failing_open(monkeypatch, fail_at_save: int, failure):
-    """``open`` in deepkd.train.checkpoint: the ``fail_at_save``-th checkpoint write meets ``failure``
+    """``open`` in deepkd.engine.checkpoint: the ``fail_at_save``-th checkpoint write meets ``failure``
     (a callable given the real handle, which raises); it records last.pt's bytes at that moment."""
     calls, seen = [], {}
 

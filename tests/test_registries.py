@@ -16,7 +16,7 @@ from deepkd.train.data_config import DATASET_KEYS, DataConfig
 from deepkd.train.optim_config import OptimizerConfig, ScheduleConfig
 from deepkd.train.optimizers import OPTIMIZERS, SCHEDULES, register_schedule
 
-DETECTION_SCHEDULES = {"multistep_iter"}  # an iteration schedule, built by deepkd.detection.run
+DETECTION_SCHEDULES = {"multistep_iter"}  # an iteration schedule, built by deepkd.train.detection_task
 
 
 def _choice_names(section) -> set:

@@ -12,8 +12,8 @@ import yaml
 import deepkd
 from deepkd import provenance as provenance_module
 from deepkd.cli import main
+from deepkd.engine.checkpoint import load_checkpoint
 from deepkd.provenance import provenance
-from deepkd.train.checkpoint import load_checkpoint
 from deepkd.train.config import WATCH_KEYS, ConfigError, check_resume, config_to_dict, load_config
 from deepkd.train.config_errors import validate_config
 from deepkd.train.runner import run_recipe

@@ -5,8 +5,8 @@ from conftest import tiny_config, trained_teacher
 
 from deepkd.data import DeviceLoader, synthetic
 from deepkd.data.teacher_cache import TeacherLogitCache, view_index
+from deepkd.engine.checkpoint import load_checkpoint
 from deepkd.models import create_model
-from deepkd.train.checkpoint import load_checkpoint
 from deepkd.train.loop import train
 
 

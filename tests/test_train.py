@@ -8,9 +8,10 @@ from conftest import tiny_config, trained_teacher
 from torch import nn
 
 from deepkd.data import build_data
+from deepkd.engine.checkpoint import load_checkpoint
+from deepkd.engine.loop import NonFiniteLossError
 from deepkd.models import create_model, load_weights
-from deepkd.train.checkpoint import load_checkpoint
-from deepkd.train.loop import NonFiniteLossError, train
+from deepkd.train.loop import train
 
 
 def test_ce_step_equals_plain_reference_loop(tmp_path):
@@ -143,7 +144,7 @@ def test_compiled_run_matches_eager(tmp_path):
 def _average_bn_worker(rank, init_file, results):
     import torch.distributed as dist
 
-    from deepkd.train.distributed import Dist, average_batchnorm_statistics
+    from deepkd.engine.distributed import Dist, average_batchnorm_statistics
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm1d(2))

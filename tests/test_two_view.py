@@ -9,8 +9,8 @@ from conftest import tiny_config, trained_teacher
 from deepkd.data import FolderOptions, build_data
 from deepkd.data import randaugment as ra
 from deepkd.data.device_loader import STRONG, STRONG_RA, _generator
+from deepkd.engine.checkpoint import load_checkpoint
 from deepkd.errors import ConfigError
-from deepkd.train.checkpoint import load_checkpoint
 from deepkd.train.config_errors import validate_config
 from deepkd.train.forward import forward_views
 from deepkd.train.loop import train

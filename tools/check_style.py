@@ -7,7 +7,8 @@
 - import direction: ``deepkd.losses`` and ``deepkd.optim`` import nothing from ``deepkd.train``,
   ``deepkd.models``, ``deepkd.data``, ``deepkd.detection`` or ``deepkd.commands``; ``deepkd.models``
   imports nothing from ``deepkd.losses``; nothing but ``deepkd.cli`` and ``deepkd.commands``
-  imports ``deepkd.commands``.
+  imports ``deepkd.commands``; ``deepkd.engine`` imports no task, dataset or model family, and
+  ``deepkd.detection`` nothing from ``deepkd.train`` (train stands on detection).
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ FORBIDDEN = {
     "deepkd.models": ("deepkd.losses", "deepkd.commands"),
     "deepkd.data": ("deepkd.commands",),
     "deepkd.train": ("deepkd.commands",),
+    "deepkd.engine": ("deepkd.train", "deepkd.detection", "deepkd.models", "deepkd.data", "deepkd.commands",
+                      "deepkd.deploy", "deepkd.cli"),
+    "deepkd.detection": ("deepkd.train", "deepkd.commands", "deepkd.deploy", "deepkd.cli"),
 }
 
 

@@ -16,7 +16,7 @@ def evaluate_checkpoint(recipe: str, weights: str, overrides: Sequence[str] = ()
 
     cfg = load_config(recipe, overrides)
     if cfg.detection:
-        from deepkd.detection.run import evaluate_detection
+        from deepkd.train.detection_task import evaluate_detection
 
         return {"weights": weights, **evaluate_detection(cfg, weights)}
     if not Path(weights).is_file():

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from deepkd.commands.summary import find_runs
-from deepkd.train.logs import GSNR_JSONL, METRICS_JSONL, read_jsonl
+from deepkd.engine.logs import GSNR_JSONL, METRICS_JSONL, read_jsonl
 
 
 def _pyplot():

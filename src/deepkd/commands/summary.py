@@ -16,9 +16,9 @@ import statistics
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from deepkd.engine.logs import METRICS_JSONL, read_jsonl
 from deepkd.errors import ConfigError, DataError, MissingFileError
 from deepkd.registry import closest
-from deepkd.train.logs import METRICS_JSONL, read_jsonl
 
 
 def find_runs(paths: Sequence[str | Path]) -> List[Path]:

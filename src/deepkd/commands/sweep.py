@@ -4,7 +4,7 @@ one machine (``--jobs N`` processes at once) or through submitit (SLURM, or its 
 Nothing about run folders is decided here: each run's config is :func:`deepkd.train.config.load_config`
 of its recipe and overrides, with ``experiment`` (the configuration's name, e.g.
 ``dkd__optimizer.lr=0.1``), ``output_dir`` (the sweep folder) and ``seed`` set by the sweep; its folder
-is :func:`deepkd.train.run_folder.run_directory` (``<out>/<configuration>/seed<seed>``), claimed and
+is :func:`deepkd.engine.run_folder.run_directory` (``<out>/<configuration>/seed<seed>``), claimed and
 checked by the trainer. Without ``--out`` the sweep folder is ``<output_dir>/sweep``, ``output_dir``
 being the one all the sweep's recipes share (``runs/sweep`` for recipes that keep the default);
 recipes with different ``output_dir`` need ``--out`` (:func:`sweep_folder`). So ``deepkd summary
@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+from deepkd.engine.logs import METRICS_JSONL, read_jsonl
+from deepkd.engine.run_folder import run_directory, stored_config
 from deepkd.errors import ConfigError
 from deepkd.train.config import check_resume, load_config, parse_override
-from deepkd.train.logs import METRICS_JSONL, read_jsonl
-from deepkd.train.run_folder import run_directory, stored_config
 
 SWEEP_KEYS = {"experiment": "each configuration's name", "output_dir": "use --out", "seed": "use --seeds"}
 MANIFEST = "sweep.json"

@@ -36,8 +36,8 @@ def export_detector(cfg, run_dir: Path, format: str, out: Optional[Path], *, tol
     if format != "onnx":
         raise ExportError(f"{str(run_dir)!r} is a detection run: detectors export to ONNX only "
                           f"(--format onnx), not {format}")
-    from deepkd.detection.run import build_detection_data, build_detector
-    from deepkd.train.distributed import Dist
+    from deepkd.engine.distributed import Dist
+    from deepkd.train.detection_task import build_detection_data, build_detector
 
     weights = next((run_dir / n for n in ("best.pt", "last.pt") if (run_dir / n).is_file()), None)
     if weights is None:

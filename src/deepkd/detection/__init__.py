@@ -19,7 +19,6 @@ from deepkd.detection.coco import (
 from deepkd.detection.demo import run_detection_demo
 from deepkd.detection.download import ARCHIVES, coco_paths, prepare_coco
 from deepkd.detection.evaluate import METRICS, coco_evaluate, coco_summary, detections_to_coco
-from deepkd.detection.loop import Position, train_detector, warmup_multistep_lr
 from deepkd.detection.models import DETECTORS, create_detector, list_detectors, tiny_fasterrcnn
 from deepkd.detection.roi import (
     RoIOutputs,
@@ -33,9 +32,11 @@ from deepkd.detection.roi import (
 from deepkd.detection.step import detection_terms, detection_train_step, optimizer_params
 from deepkd.detection.synthetic import NUM_CLASSES as SYNTHETIC_NUM_CLASSES
 from deepkd.detection.synthetic import write_synthetic_coco
+from deepkd.detection.task import DetectionTask, train_detector
+from deepkd.optim import warmup_multistep_lr
 
 __all__ = ["ARCHIVES", "DETECTORS", "METRICS", "SYNTHETIC_NUM_CLASSES", "CocoDetection", "DetectionLoader",
-           "Position", "RoIOutputs", "aspect_ratio_batches", "check_detector", "check_pair", "coco_evaluate",
+           "DetectionTask", "RoIOutputs", "aspect_ratio_batches", "check_detector", "check_pair", "coco_evaluate",
            "coco_paths", "coco_summary", "coco_target", "collate", "create_detector", "detection_terms",
            "detection_train_step", "detections_to_coco", "hflip", "list_detectors", "load_coco", "class_count",
            "optimizer_params", "prepare_coco", "prepare_teacher", "roi_forward", "run_detection_demo",

@@ -18,12 +18,12 @@ from typing import Any, Callable, Dict
 import torch
 
 from deepkd.detection.coco import CocoDetection, DetectionLoader
-from deepkd.detection.loop import train_detector, warmup_multistep_lr
 from deepkd.detection.models import tiny_fasterrcnn
 from deepkd.detection.roi import prepare_teacher
 from deepkd.detection.synthetic import NUM_CLASSES, write_synthetic_coco
+from deepkd.detection.task import train_detector
 from deepkd.losses import build_method
-from deepkd.optim import DecoupledMomentumSGD
+from deepkd.optim import DecoupledMomentumSGD, warmup_multistep_lr
 
 FULL = {"train": 96, "val": 48, "teacher_epochs": 30, "student_epochs": 15, "warmup": 50}
 QUICK = {"train": 16, "val": 8, "teacher_epochs": 3, "student_epochs": 1, "warmup": 4}

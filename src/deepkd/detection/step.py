@@ -1,7 +1,7 @@
 """The detection training step: student RoIs, teacher logits on them, named terms, optimisation.
 
 The step is on one screen in :func:`detection_train_step`; the optimisation tail
-(``deepkd.train.step.optimize``: backward + step, or per-stream gradients + ``step(grads)``) is the
+(``deepkd.engine.step.optimize``: backward + step, or per-stream gradients + ``step(grads)``) is the
 one the classification loop uses.
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from deepkd.detection.roi import RoIOutputs, Target, roi_forward, teacher_roi_logits
+from deepkd.engine.distributed import Dist
+from deepkd.engine.step import optimize
 from deepkd.errors import ConfigError
 from deepkd.losses import LossTerm, Method
-from deepkd.train.distributed import Dist
-from deepkd.train.step import optimize
 
 CLASSIFIER_LOSS = "loss_classifier"
 

@@ -1,4 +1,5 @@
-"""Learning-rate schedules as pure functions of the epoch, so that resuming needs no state."""
+"""Learning-rate schedules as pure functions of the epoch (or, for detection, the iteration), so that
+resuming needs no state."""
 from __future__ import annotations
 
 import math
@@ -27,3 +28,15 @@ def cosine_lr(position: float, base_lr: float, epochs: int, warmup_epochs: int =
     span = max(epochs - warmup_epochs, 1)
     progress = min(max((position - warmup_epochs) / span, 0.0), 1.0)
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_multistep_lr(iteration: int, *, base_lr: float, milestones: Sequence[int] = (), gamma: float = 0.1,
+                        warmup_iterations: int = 1000, warmup_factor: float = 0.001) -> float:
+    """Detection's iteration schedule (torchvision reference, Detectron2): a linear warm-up from
+    ``warmup_factor * base_lr`` over ``warmup_iterations``, times ``gamma`` at each milestone
+    iteration reached (``iteration`` counts optimizer steps from 0)."""
+    factor = 1.0
+    if iteration < warmup_iterations:
+        alpha = iteration / warmup_iterations
+        factor = warmup_factor * (1 - alpha) + alpha
+    return base_lr * factor * gamma ** sum(1 for m in milestones if m <= iteration)

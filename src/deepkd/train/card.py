@@ -8,7 +8,7 @@ which keeps its name; a copy where links are not possible). Every figure in the 
 comes from: a file of the run folder and its key, or the measurement and the machine it ran on.
 
 :func:`write_group_card` writes one card for the seeds of an experiment (``deepkd summary --cards``):
-top-1 as mean +- std over n seeds, each seed's figure listed. Detection runs: :mod:`deepkd.detection.card`.
+top-1 as mean +- std over n seeds, each seed's figure listed. Detection runs: :mod:`deepkd.train.detection_card`.
 """
 from __future__ import annotations
 

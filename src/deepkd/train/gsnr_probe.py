@@ -6,9 +6,9 @@ from typing import Dict, Optional
 
 import torch
 
+from deepkd.engine.distributed import all_reduce_sum
 from deepkd.losses import stream_losses
 from deepkd.optim import gsnr
-from deepkd.train.distributed import all_reduce_sum
 
 
 def measure_gsnr(run, images: torch.Tensor, targets: torch.Tensor, epoch: int,

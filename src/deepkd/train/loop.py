@@ -1,53 +1,35 @@
-"""The training loop. The step is on one screen in :func:`train_step`: forward, the method's named
-loss terms, then either ``backward`` + ``step`` (plain optimizer) or per-stream gradients +
-``step(grads)`` (``DecoupledMomentumSGD``)."""
+"""The classification task: the step is on one screen in :func:`train_step`: forward, the method's
+named loss terms, then either ``backward`` + ``step`` (plain optimizer) or per-stream gradients +
+``step(grads)`` (``DecoupledMomentumSGD``). :class:`ClassificationTask` hands it to the engine's
+loop (:mod:`deepkd.engine.loop`), and :func:`train` runs a config of any registered task."""
 from __future__ import annotations
 
 import json
 import os
-import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
-from deepkd.errors import TrainingError
+from deepkd.engine.distributed import Dist, all_reduce_sum, broadcast_module, init_device, shutdown_distributed
+from deepkd.engine.logs import MetricsWriter, Progress
+from deepkd.engine.loop import run_task
+from deepkd.engine.run_folder import claim_run_folder, run_directory
+from deepkd.engine.step import optimize
+from deepkd.engine.task import TASKS, Task, Watch
 from deepkd.losses import Method
 from deepkd.models import save_weights
 from deepkd.optim import DecoupledMomentumSGD
-from deepkd.provenance import provenance
-from deepkd.train import build
+from deepkd.train import build, detection_task  # noqa: F401  (detection_task registers the "detection" task)
 from deepkd.train.card import write_card
-from deepkd.train.checkpoint import (
-    FORMAT,
-    atomic_save,
-    load_checkpoint,
-    rng_state,
-    set_rng_state,
-)
-from deepkd.train.config import RunConfig, config_to_dict, save_config
-from deepkd.train.distributed import (
-    Dist,
-    all_reduce_sum,
-    average_batchnorm_statistics,
-    broadcast_module,
-    init_distributed,
-    shutdown_distributed,
-)
+from deepkd.train.config import RunConfig, check_resume, config_to_dict, save_config
 from deepkd.train.forward import autocast, forward_pair
 from deepkd.train.gsnr_probe import adapt_momentum, momentum_record
-from deepkd.train.logs import MetricsWriter, Progress
-from deepkd.train.meters import Meters
 from deepkd.train.optimizers import build_auto_momentum
-from deepkd.train.run_folder import claim_run_folder
-from deepkd.train.signals import StopSignals as _Interrupt
-from deepkd.train.step import optimize
 
-
-class NonFiniteLossError(TrainingError):
-    """Training produced a NaN/inf loss; the last good checkpoint is kept."""
+__all__ = ["ClassificationTask", "Run", "evaluate", "setup_run", "train", "train_step"]
 
 
 @dataclass
@@ -131,49 +113,12 @@ def _set_lr(run: Run, epoch: int, progress: float) -> float:
     return lr
 
 
-@dataclass
-class Position:
-    """Where a run stands: what a checkpoint stores besides the weights, optimizer and RNG states."""
-
-    epoch: int = 1  # the epoch in progress, 1-based
-    batch: int = 0  # batches of that epoch already trained
-    step: int = 0  # optimizer steps over the whole run
-    best: float = -1.0  # best test top-1 (%) so far
-    meters: Dict[str, torch.Tensor] = field(default_factory=dict)  # the epoch's partial sums at the last save
-
-    @classmethod
-    def from_checkpoint(cls, ckpt: Dict[str, Any]) -> "Position":
-        return cls(**{f.name: ckpt[f.name] for f in fields(cls)})
-
-    def as_dict(self) -> Dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    def next_epoch(self) -> None:
-        self.epoch, self.batch, self.meters = self.epoch + 1, 0, {}
-
-
-def save_state(run: Run, path: Path, position: Position) -> None:
-    """Write a checkpoint atomically (rank 0 only); nothing already on disk is lost on failure."""
-    if not run.ctx.is_main:
-        return
-    state = {"format": FORMAT, "model": run.student.state_dict(), "optimizer": run.optimizer.state_dict(),
-             "method": run.method.state_dict(),  # a feature method's connectors and memory (else empty)
-             **position.as_dict(), "topk": run.method.topk(position.epoch), "rng": rng_state(),
-             "config": config_to_dict(run.cfg), "provenance": provenance()}
-    if run.auto_momentum is not None:
-        state["auto_momentum"] = run.auto_momentum.state_dict()
-    atomic_save(state, path)
-
-
 def setup_run(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> Run:
-    """Build every object of a run, in a fixed order so that a seed fixes the initial weights.
-    A resumed run keeps the folder's ``config.yaml`` (that of the code and config that started it)."""
+    """Build every object of a run, in a fixed order so that a seed fixes the initial weights (the
+    engine hands the run its metrics writer and progress bar when it starts; ``resume``: unused, kept
+    for callers)."""
     torch.manual_seed(cfg.seed)
-    device = build.build_device(cfg.train.device)
-    ctx = init_distributed(device.type)
-    if ctx.enabled and device.type == "cuda":
-        device = torch.device("cuda", ctx.local_rank)
-        torch.cuda.set_device(device)
+    device, ctx = init_device(build.build_device(cfg.train.device))
     data = build.build_dataset(cfg, device=device, rank=ctx.rank, world_size=ctx.world_size)
     student = build.build_student(cfg.student, data.num_classes).to(device)
     teacher = build.build_teacher(cfg.teacher, cfg.method.name, data.num_classes, cfg.data.dataset)
@@ -191,94 +136,12 @@ def setup_run(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> Run:
     forward = torch.compile(student, mode=cfg.train.compile_mode) if cfg.train.compile else student
     run = Run(cfg, run_dir, device, ctx, student, forward, teacher, method, optimizer,
               build.build_schedule(cfg.schedule, cfg.optimizer.lr), data,
-              build.trainable(student, method), _writer(cfg, run_dir, data, ctx, resume),
-              Progress(cfg.train.progress, cfg.train.log_every, enabled=ctx.is_main),
+              build.trainable(student, method), None, Progress("none"),
               auto_momentum=build_auto_momentum(cfg.optimizer),
               extractors=build.build_extractors(method, student, teacher))
     if cfg.train.teacher_cache and teacher is not None:
         run.cache = build.build_teacher_cache(cfg, teacher, data.train, ctx)
     return run
-
-
-def _writer(cfg: RunConfig, run_dir: Path, data, ctx: Dist, resume: bool) -> Optional[MetricsWriter]:
-    """Rank 0: the folder's ``config.yaml`` (a new run's), ``data.json`` and the metrics writer."""
-    if not ctx.is_main:
-        return None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        save_config(cfg, run_dir / "config.yaml")
-    (run_dir / "data.json").write_text(json.dumps(data.facts(), indent=1))
-    return MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb,
-                         wandb_project=cfg.train.wandb_project, config=config_to_dict(cfg))
-
-
-def restore(run: Run, path: Path) -> Position:
-    """Load ``last.pt`` into the run; returns where it stopped."""
-    ckpt = load_checkpoint(path)
-    run.student.load_state_dict(ckpt["model"])
-    run.method.load_state_dict(ckpt.get("method", {}))
-    run.optimizer.load_state_dict(ckpt["optimizer"])  # with the coefficients (param_groups' stream_momentum)
-    if run.auto_momentum is not None:
-        run.auto_momentum.load_state_dict(ckpt["auto_momentum"])
-    set_rng_state(ckpt["rng"])
-    return Position.from_checkpoint(ckpt)
-
-
-def train(cfg: RunConfig, *, resume: bool = False, run_dir: Optional[str | Path] = None) -> Dict[str, Any]:
-    """Train (or resume) one run; returns its summary (also written to ``summary.json``).
-
-    The folder is claimed first (:func:`deepkd.train.run_folder.claim_run_folder`: lock, existing run,
-    resume check), so a second run into a live run's folder is refused before anything is written.
-    """
-    if cfg.detection:  # data.dataset coco | synthetic_coco: the detection loop, same lock and files
-        from deepkd.detection.run import train_detection
-
-        return train_detection(cfg, resume=resume, run_dir=run_dir)
-    with claim_run_folder(cfg, run_dir, resume=resume) as (run_dir, resuming):
-        run = setup_run(cfg, run_dir, resume=resuming)
-        try:
-            return _train_epochs(run, restore(run, run_dir / "last.pt") if resuming else Position())
-        finally:
-            if run.writer is not None:
-                run.writer.close()
-            shutdown_distributed(run.ctx)
-
-
-def _run_epoch(run: Run, position: Position, stop: _Interrupt) -> Optional[Dict[str, float]]:
-    """Train ``position.epoch`` on from ``position.batch``, advancing ``position``; returns the epoch's
-    train metrics, or None when stopped (``last.pt`` then holds this step)."""
-    loader, cfg, epoch = run.data.train, run.cfg, position.epoch
-    meters = Meters(run.device, position.meters)
-    total, start, started = len(loader), position.batch, time.time()
-    bad_step = torch.full((), -1, dtype=torch.long, device=run.device)
-    desc = f"epoch {epoch}/{cfg.schedule.epochs}"
-    batches = run.progress.wrap(loader.iter_epoch(epoch, start_batch=start), total=total, start=start, desc=desc)
-    for index, (images, targets) in enumerate(batches, start=start):
-        _set_lr(run, epoch, index / total)
-        images, targets = _to_device(images, targets, run.device, cfg.train.channels_last)
-        terms, logits = train_step(run, images, targets, epoch, *_batch_extras(run, loader, epoch, index))
-        meters.update(terms, logits, targets)
-        loss = torch.stack(list(terms.values())).sum()
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), position.step, bad_step)
-        position.batch, position.step = index + 1, position.step + 1
-        logged = position.step % cfg.train.log_every == 0 or index + 1 == total
-        if logged:
-            _check_finite(run, bad_step)
-            run.progress.step(desc, index + 1, total, {"loss": float(loss)}, started)
-        if cfg.train.gsnr_every and position.step % cfg.train.gsnr_every == 0:
-            _record_gsnr(run, images, targets, epoch, position.step)
-        adapt_momentum(run, images, targets, epoch, position.step)  # stream_momentum: auto, when due
-        due = cfg.train.checkpoint_every > 0 and position.step % cfg.train.checkpoint_every == 0
-        stopping = stop.agreed(run, logged or due) or position.step == cfg.train.stop_after_steps
-        if stopping or due:
-            _save_position(run, position, meters, bad_step)
-        if stopping:
-            run.progress.line(f"stopped at step {position.step} ({stop.reason or 'train.stop_after_steps'}); "
-                              f"resume with --resume ({run.run_dir})")
-            return None
-    _check_finite(run, bad_step)
-    _check_parameters(run, position.step)
-    return meters.averages(run.ctx)
 
 
 def _batch_extras(run: Run, loader, epoch: int, index: int):
@@ -288,74 +151,12 @@ def _batch_extras(run: Run, loader, epoch: int, index: int):
     return cached, views[0] if run.method.needs_index else None
 
 
-def _save_position(run: Run, position: Position, meters: Meters, bad_step: torch.Tensor) -> None:
-    """A mid-epoch ``last.pt``, once the losses and the weights are known to be finite."""
-    _check_finite(run, bad_step)
-    _check_parameters(run, position.step)
-    average_batchnorm_statistics(run.student, run.ctx)  # every rank calls this: the checkpoint is rank 0's
-    position.meters = meters.state()
-    save_state(run, run.run_dir / "last.pt", position)
-
-
-def _check_finite(run: Run, bad_step: torch.Tensor) -> None:
-    step = int(all_reduce_sum(bad_step.clamp(min=-1) + 1, run.ctx)) - 1 if run.ctx.enabled else int(bad_step)
-    if step >= 0:
-        raise NonFiniteLossError(f"non-finite loss at step {step + 1}; stopped, the last good checkpoint "
-                                 f"in {str(run.run_dir)!r} is kept")
-
-
-def _check_parameters(run: Run, step: int) -> None:
-    """Before a checkpoint: the last update can turn weights non-finite while its loss was finite."""
-    tensors = [*run.params, *(b for b in run.student.buffers() if b.is_floating_point())]
-    finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
-    if not bool(finite):
-        raise NonFiniteLossError(f"the student's parameters or BatchNorm statistics became non-finite by step {step}; "
-                                 "stopped, the "
-                                 f"last good checkpoint in {str(run.run_dir)!r} is kept")
-
-
 def _record_gsnr(run: Run, images: torch.Tensor, targets: torch.Tensor, epoch: int, step: int) -> None:
     from deepkd.train.gsnr_probe import measure_gsnr
 
     record = measure_gsnr(run, images, targets, epoch)
     if run.writer is not None:
         run.writer.log_gsnr({"step": step, "epoch": epoch, **record})
-
-
-def _end_epoch(run: Run, position: Position, train_metrics: Dict[str, float], seconds: float) -> Dict[str, Any]:
-    epoch = position.epoch
-    average_batchnorm_statistics(run.student, run.ctx)  # one set of statistics for the test and the saves
-    test = _evaluate(run, run.forward)
-    record = {"epoch": epoch, "step": position.step, "lr": run.optimizer.param_groups[0]["lr"],
-              **train_metrics, "test_top1": test["top1"], "test_top5": test["top5"],
-              "test_loss": test["loss"], "topk": run.method.topk(epoch), **momentum_record(run), "seconds": seconds}
-    improved = test["top1"] > position.best
-    position.best = max(position.best, test["top1"])
-    position.next_epoch()
-    if run.writer is not None:
-        run.writer.log_epoch(record, truncate_after=epoch)
-        # best.pt before last.pt: a kill between the two then replays this epoch and rewrites best.pt
-        if improved:
-            save_state(run, run.run_dir / "best.pt", position)
-        save_state(run, run.run_dir / "last.pt", position)
-    run.progress.line(f"epoch {epoch}: train_loss {record['train_loss']:.4f} train_top1 "
-                      f"{record['train_top1']:.2f} test_top1 {test['top1']:.2f} test_top5 {test['top5']:.2f} "
-                      f"best {position.best:.2f} lr {record['lr']:.4g} ({record['seconds']:.1f}s)")
-    return record
-
-
-def _train_epochs(run: Run, position: Position) -> Dict[str, Any]:
-    with _Interrupt() as stop:  # a signal during the teacher's test or the last files is a no-op
-        teacher_top1 = _teacher_accuracy(run)
-        started = time.time()
-        while position.epoch <= run.cfg.schedule.epochs:
-            epoch_started = time.time()
-            train_metrics = _run_epoch(run, position, stop)
-            if train_metrics is None:
-                return {"status": "stopped", "reason": stop.reason or "train.stop_after_steps",
-                        "run_dir": str(run.run_dir), "step": position.step}
-            _end_epoch(run, position, train_metrics, time.time() - epoch_started)
-        return _finish(run, position, teacher_top1, time.time() - started)
 
 
 def _teacher_accuracy(run: Run) -> Optional[float]:
@@ -374,20 +175,125 @@ def _teacher_accuracy(run: Run) -> Optional[float]:
     return top1
 
 
-def _finish(run: Run, position: Position, teacher_top1: Optional[float], seconds: float) -> Dict[str, Any]:
-    from deepkd.train.logs import METRICS_JSONL, read_jsonl
+class ClassificationTask(Task):
+    """A classification run (:class:`Run`) as the engine drives it: best.pt by test top-1."""
 
-    records = read_jsonl(run.run_dir / METRICS_JSONL)
-    last = records[-1]["test_top1"] if records else float("nan")
-    best_epoch = max(records, key=lambda r: r["test_top1"])["epoch"] if records else 0
-    summary = {"status": "finished", "experiment": run.cfg.experiment, "seed": run.cfg.seed,
-               "method": run.cfg.method.name, "student": run.cfg.student.name,
-               "teacher": run.cfg.teacher.name if run.cfg.teacher else None, "teacher_top1": teacher_top1,
-               "best_top1": position.best, "best_epoch": best_epoch, "last_top1": last,
-               "epochs": run.cfg.schedule.epochs, "steps": position.step, "train_seconds": seconds,
-               "run_dir": str(run.run_dir)}
+    name, metric = "classification", "test_top1"
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.model, self.optimizer, self.epochs = run.student, run.optimizer, run.cfg.schedule.epochs
+        self.device, self.ctx = run.device, run.ctx
+
+    @property
+    def params(self) -> List[nn.Parameter]:
+        return self.run.params
+
+    def attach(self, writer: Optional[MetricsWriter], progress: Progress) -> None:
+        self.writer = self.run.writer = writer
+        self.progress = self.run.progress = progress
+
+    def batches(self, epoch: int, start_batch: int):
+        return self.run.data.train.iter_epoch(epoch, start_batch=start_batch)
+
+    def num_batches(self) -> int:
+        return len(self.run.data.train)
+
+    def set_lr(self, epoch: int, progress: float, step: int) -> None:
+        _set_lr(self.run, epoch, progress)
+
+    def step(self, batch, epoch: int, position):
+        """:func:`train_step` on the batch; then, when due, the GSNR probe and ``stream_momentum: auto``."""
+        run, step = self.run, position.step + 1
+        images, targets = _to_device(*batch, run.device, run.cfg.train.channels_last)
+        terms, logits = train_step(run, images, targets, epoch, *_batch_extras(run, run.data.train, epoch,
+                                                                                position.batch))
+        if run.cfg.train.gsnr_every and step % run.cfg.train.gsnr_every == 0:
+            _record_gsnr(run, images, targets, epoch, step)
+        adapt_momentum(run, images, targets, epoch, step)  # stream_momentum: auto, when due
+        count = torch.tensor(float(targets.numel()), device=run.device)
+        loss = torch.stack(list(terms.values())).sum()
+        sums = {f"loss/{name}": value * count for name, value in terms.items()}
+        sums.update({"loss": loss * count, "top1": 100 * (logits.argmax(-1) == targets).sum(), "count": count})
+        return terms, sums
+
+    def evaluate(self, epoch: int, final: bool) -> Dict[str, float]:
+        test = _evaluate(self.run, self.run.forward)
+        return {"test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"]}
+
+    def facts(self, epoch: int) -> Dict[str, Any]:
+        return {"topk": self.run.method.topk(epoch), **momentum_record(self.run)}
+
+    def line(self, record: Dict[str, Any], best: float) -> str:
+        return (f"epoch {record['epoch']}: train_loss {record['train_loss']:.4f} train_top1 "
+                f"{record['train_top1']:.2f} test_top1 {record['test_top1']:.2f} test_top5 {record['test_top5']:.2f} "
+                f"best {best:.2f} lr {record['lr']:.4g} ({record['seconds']:.1f}s)")
+
+    def begin(self) -> Dict[str, Any]:
+        return {"teacher_top1": _teacher_accuracy(self.run)}
+
+    def state_dict(self) -> Dict[str, Any]:
+        run = self.run
+        state = {"model": run.student.state_dict(), "optimizer": run.optimizer.state_dict(),
+                 "method": run.method.state_dict()}  # a feature method's connectors and memory (else empty)
+        if run.auto_momentum is not None:
+            state["auto_momentum"] = run.auto_momentum.state_dict()
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        run = self.run
+        run.student.load_state_dict(state["model"])
+        run.method.load_state_dict(state.get("method", {}))
+        run.optimizer.load_state_dict(state["optimizer"])  # with the coefficients (param_groups' stream_momentum)
+        if run.auto_momentum is not None:
+            run.auto_momentum.load_state_dict(state["auto_momentum"])
+
+    def summary(self, records: List[Dict[str, Any]], best: float, begun: Dict[str, Any]) -> Dict[str, Any]:
+        cfg = self.run.cfg
+        return {"status": "finished", "experiment": cfg.experiment, "seed": cfg.seed, "method": cfg.method.name,
+                "student": cfg.student.name, "teacher": cfg.teacher.name if cfg.teacher else None, **begun,
+                "best_top1": best, "best_epoch": max(records, key=lambda r: r["test_top1"])["epoch"] if records else 0,
+                "last_top1": records[-1]["test_top1"] if records else float("nan"), "epochs": self.epochs}
+
+    def finish(self, run_dir: Path, summary: Dict[str, Any]) -> None:
+        save_weights(self.run.student, run_dir / "student.safetensors")
+        write_card(run_dir)  # README.md, config.json, model.safetensors: the Hugging Face layout
+
+
+@TASKS.register("classification")
+def build_classification(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> ClassificationTask:
+    """The classification task of a config (:func:`setup_run`); rank 0 writes ``data.json``."""
+    run = setup_run(cfg, run_dir, resume=resume)
     if run.ctx.is_main:
-        save_weights(run.student, run.run_dir / "student.safetensors")
-        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        write_card(run.run_dir)  # README.md, config.json, model.safetensors: the Hugging Face layout
-    return summary
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "data.json").write_text(json.dumps(run.data.facts(), indent=1))
+    return ClassificationTask(run)
+
+
+def watch(cfg: RunConfig) -> Watch:
+    """How a run of ``cfg`` is watched: its train section's watch keys."""
+    t = cfg.train
+    return Watch(log_every=t.log_every, checkpoint_every=t.checkpoint_every, stop_after_steps=t.stop_after_steps,
+                 progress=t.progress, tensorboard=t.tensorboard, wandb=t.wandb, wandb_project=t.wandb_project)
+
+
+def train(cfg: RunConfig, *, resume: bool = False, run_dir: Optional[str | Path] = None) -> Dict[str, Any]:
+    """Train (or resume) one run of any task (``cfg.task``, looked up in :data:`deepkd.engine.task.TASKS`);
+    returns its summary (also written to ``summary.json``).
+
+    The folder is claimed first (:func:`deepkd.engine.run_folder.claim_run_folder`: lock, existing run,
+    the resume check), so a second run into a live run's folder is refused before anything is written.
+    A resumed run keeps the folder's ``config.yaml`` (that of the code and config that started it).
+    """
+    build_task = TASKS.get(cfg.task)
+    run_dir = Path(run_dir) if run_dir is not None else run_directory(cfg)
+    with claim_run_folder(run_dir, resume=resume,
+                          check=lambda stored, source: check_resume(stored, cfg, source)) as resuming:
+        task = build_task(cfg, run_dir, resume=resuming)
+        try:
+            if task.ctx.is_main and not resuming:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                save_config(cfg, run_dir / "config.yaml")
+            return run_task(task, run_dir, resume=resuming, watch=watch(cfg), config=config_to_dict(cfg))
+        finally:
+            shutdown_distributed(task.ctx)

@@ -3,7 +3,7 @@ choice is an error naming the choice that uses it).
 
 Defaults are the builders' signatures (:class:`deepkd.optim.DecoupledMomentumSGD`,
 :func:`deepkd.optim.step_lr`, :func:`deepkd.optim.cosine_lr`,
-:func:`deepkd.detection.warmup_multistep_lr`); stated here is only what no builder offers: ``lr``,
+:func:`deepkd.optim.warmup_multistep_lr`); stated here is only what no builder offers: ``lr``,
 ``epochs`` and ``milestones`` (CIFAR's 240-epoch recipe) and plain SGD's settings (torch's own
 defaults are not the recipes').
 """
@@ -13,8 +13,7 @@ from typing import Dict, List, Literal, Optional, Union
 
 from pydantic import Field
 
-from deepkd.detection.loop import warmup_multistep_lr
-from deepkd.optim import DecoupledMomentumSGD, cosine_lr, step_lr
+from deepkd.optim import DecoupledMomentumSGD, cosine_lr, step_lr, warmup_multistep_lr
 from deepkd.train.auto_config import AutoMomentumChecks, AutoMomentumConfig
 from deepkd.train.schema import _choice, _default, _Strict
 
@@ -81,7 +80,7 @@ class CosineScheduleConfig(_Strict):
 
 
 class MultiStepIterScheduleConfig(_Strict):
-    """``multistep_iter`` (detection): :func:`deepkd.detection.warmup_multistep_lr` over optimizer
+    """``multistep_iter`` (detection): :func:`deepkd.optim.warmup_multistep_lr` over optimizer
     steps: a linear warm-up of ``warmup_iterations`` from ``warmup_factor``, x ``gamma`` at each
     milestone iteration. ``epochs`` passes over the data, cut at ``max_iterations`` when set (the run
     then ends, evaluated, mid-epoch); methods see the 1-based epoch in progress."""

@@ -6,7 +6,7 @@ base_lr) -> lr(epoch, progress)`` (epoch counted from 1, progress in [0, 1) with
 :func:`deepkd.train.build.build_optimizer` and :func:`~deepkd.train.build.build_schedule` look them
 up. A recipe accepts a name once :mod:`deepkd.train.optim_config` has a section model for it.
 Detection's ``multistep_iter`` is an iteration schedule, built by
-:func:`deepkd.detection.run.build_detection_lr`.
+:func:`deepkd.train.detection_task.build_detection_lr`.
 """
 from __future__ import annotations
 

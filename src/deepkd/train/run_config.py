@@ -60,7 +60,8 @@ class TrainConfig(_Strict):
     student_views: Literal["separate", "concat"] = "separate"
 
 
-DETECTION_TRAIN_KEYS = ("device", "precision", "stop_after_steps", "checkpoint_every", "progress", "log_every")
+DETECTION_TRAIN_KEYS = ("device", "precision", "stop_after_steps", "checkpoint_every", "progress", "log_every",
+                        "tensorboard", "wandb", "wandb_project")
 
 
 class RunConfig(_Strict):
@@ -117,6 +118,11 @@ class RunConfig(_Strict):
     def detection(self) -> bool:
         """A detection run (``data.dataset: coco | synthetic_coco``)."""
         return isinstance(self.data, DetectionDataConfig)
+
+    @property
+    def task(self) -> str:
+        """The registered task that trains this config (:data:`deepkd.engine.task.TASKS`)."""
+        return "detection" if self.detection else "classification"
 
     def _check_task(self) -> None:
         """Keys the task does not read are errors (detection reads only DETECTION_TRAIN_KEYS of train)."""

@@ -1,8 +1,8 @@
 """One run from a recipe: what ``deepkd train`` does once its arguments are parsed, for any caller.
 
 :func:`run_recipe` reads a recipe (a shipped recipe's name or a YAML file) with ``key.path=value``
-overrides, or takes a run folder to continue, checks a resume against the config stored in
-``last.pt``, and trains (:func:`deepkd.train.loop.train`, which claims the folder). ``deepkd train``
+overrides, or takes a run folder to continue, and trains (:func:`deepkd.train.loop.train`, which
+claims the folder and checks a resume against the config stored in ``last.pt``). ``deepkd train``
 (:mod:`deepkd.cli`), ``deepkd sweep``'s in-process jobs (:mod:`deepkd.commands.sweep`) and a user's
 own script call it the same way::
 
@@ -16,12 +16,12 @@ import copy
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+from deepkd.engine.run_folder import stored_config
 from deepkd.errors import ConfigError
-from deepkd.train.config import apply_overrides, check_resume, load_config
+from deepkd.train.config import apply_overrides, load_config
 from deepkd.train.config_errors import validate_config
 from deepkd.train.loop import train
 from deepkd.train.run_config import RunConfig
-from deepkd.train.run_folder import run_directory, stored_config
 
 
 def recipe_config(recipe: str | Path, overrides: Sequence[str] = (), *,
@@ -29,23 +29,19 @@ def recipe_config(recipe: str | Path, overrides: Sequence[str] = (), *,
     """The run's config and folder (None: the recipe's own, ``<output_dir>/<experiment>/seed<seed>``).
 
     ``recipe`` is a shipped recipe's name, a YAML file, or (with ``resume``) a run folder, whose
-    config is the one stored in its ``last.pt``. With ``resume``, the config must be the stored one
-    except for how the run is watched (:func:`deepkd.train.config.check_resume`); a run folder without
-    ``resume`` is a :class:`~deepkd.errors.ConfigError`.
+    config is the one stored in its ``last.pt``. With ``resume``, :func:`deepkd.train.loop.train` checks
+    that the config is the stored one except for how the run is watched
+    (:func:`deepkd.train.config.check_resume`); a run folder without ``resume`` is a
+    :class:`~deepkd.errors.ConfigError`.
     """
     if Path(recipe).is_dir():
         if not resume:
             raise ConfigError(f"{str(recipe)!r} is a run folder: add --resume to continue it")
         run_dir = Path(recipe)
         last = run_dir / "last.pt"
-        stored = stored_config(last)
-        cfg = validate_config(apply_overrides(copy.deepcopy(stored), overrides), str(last))
+        cfg = validate_config(apply_overrides(copy.deepcopy(stored_config(last)), overrides), str(last))
     else:
         cfg, run_dir = load_config(recipe, overrides), None
-        last = run_directory(cfg) / "last.pt"
-        stored = stored_config(last) if resume and last.is_file() else None
-    if stored is not None:
-        check_resume(stored, cfg, str(last))
     return cfg, run_dir
 
 

@@ -1,8 +1,7 @@
 """Stopping on a signal: Ctrl-C, SIGTERM and SIGUSR1 end a run after the current step, saved.
 
-Shared by the classification loop (:mod:`deepkd.train.loop`) and the detection loop
-(:mod:`deepkd.detection.loop`): each asks :meth:`StopSignals.agreed` at its sync points and, when
-it says stop, saves ``last.pt`` and returns "stopped" (``deepkd`` then exits 0).
+The loop of :mod:`deepkd.engine.loop` (every task) asks :meth:`StopSignals.agreed` at its sync points
+and, when it says stop, saves ``last.pt`` and returns "stopped" (``deepkd`` then exits 0).
 """
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from deepkd.train.distributed import all_reduce_sum
+from deepkd.engine.distributed import all_reduce_sum
 
 
 class StopSignals:

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional
 
 from deepkd.errors import ConfigError
 
@@ -101,8 +101,10 @@ def _write_csv(path: Path, records: list) -> None:
 class Progress:
     """Per-epoch progress: a tqdm bar on a terminal, a plain line every ``every`` steps otherwise."""
 
-    def __init__(self, mode: str = "auto", every: int = 50, enabled: bool = True):
+    def __init__(self, mode: str = "auto", every: int = 50, enabled: bool = True,
+                 write: Optional[Callable[[str], None]] = None):
         is_tty = sys.stderr.isatty()
+        self.write = write  # where :meth:`line` goes whatever the mode (e.g. a caller's log); None: print
         self.mode = "none" if not enabled else ("bar" if mode == "auto" and is_tty else
                                                  "lines" if mode == "auto" else mode)
         self.every = every
@@ -116,7 +118,9 @@ class Progress:
             yield from batches
 
     def line(self, text: str) -> None:
-        if self.mode != "none":
+        if self.write is not None:
+            self.write(text)
+        elif self.mode != "none":
             print(text, flush=True)
 
     def step(self, desc: str, index: int, total: int, values: Dict[str, float], started: float) -> None:

@@ -11,9 +11,9 @@ from typing import Dict, Sequence
 
 import torch
 
+from deepkd.engine.distributed import Dist, average_gradients
 from deepkd.losses import LossTerm, stream_losses, total_loss
 from deepkd.optim import DecoupledMomentumSGD, stream_grads
-from deepkd.train.distributed import Dist, average_gradients
 
 
 def optimize(terms: Dict[str, LossTerm], optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -43,6 +43,16 @@ def init_distributed(device_kind: str) -> Dist:
         backend = "nccl" if device_kind == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_device(device: torch.device) -> Tuple[torch.device, Dist]:
+    """Join the process group (:func:`init_distributed`); under torchrun on GPUs, each rank takes the
+    GPU of its local rank."""
+    ctx = init_distributed(device.type)
+    if ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    return device, ctx
 
 
 def shutdown_distributed(ctx: Dist) -> None:

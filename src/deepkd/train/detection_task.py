@@ -2,38 +2,35 @@
 
 The only place that turns a detection :class:`deepkd.train.run_config.RunConfig` into objects: COCO (or
 the synthetic set) loaders, the detectors of :func:`deepkd.detection.create_detector`, the method
-and optimizer of :mod:`deepkd.train.build`, and the iteration schedule; then
-:func:`deepkd.detection.train_detector` runs them under the run folder's lock, as classification
-runs are. The detection checkpoints hold no config: the run folder's ``config.yaml`` (written by a
-fresh run, kept on resume) is the stored config that ``--resume`` is checked against.
+and optimizer of :mod:`deepkd.train.build`, and the iteration schedule, handed to
+:class:`deepkd.detection.task.DetectionTask`; :func:`build_detection` is the ``detection`` entry of
+the task registry (:func:`deepkd.train.loop.train` runs it under the run folder's lock).
 """
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 from torch import nn
 
 from deepkd.data.cifar import default_root
-from deepkd.detection.card import write_detection_card
 from deepkd.detection.coco import CocoDetection, DetectionLoader
 from deepkd.detection.download import coco_paths, prepare_coco
 from deepkd.detection.evaluate import coco_evaluate
-from deepkd.detection.loop import train_detector, warmup_multistep_lr
 from deepkd.detection.models import create_detector
 from deepkd.detection.synthetic import NUM_CLASSES as SYNTHETIC_NUM_CLASSES
 from deepkd.detection.synthetic import write_synthetic_coco
+from deepkd.detection.task import DetectionTask, start_fresh
+from deepkd.engine.distributed import Dist, init_device
+from deepkd.engine.task import TASKS
 from deepkd.errors import ConfigError, MissingFileError
 from deepkd.models import load_weights
+from deepkd.optim import warmup_multistep_lr
 from deepkd.train import build
-from deepkd.train.config import save_config
-from deepkd.train.distributed import Dist, init_distributed, shutdown_distributed
-from deepkd.train.logs import Progress
+from deepkd.train.detection_card import write_detection_card
 from deepkd.train.run_config import ModelConfig, RunConfig
-from deepkd.train.run_folder import claim_run_folder
 
 COCO_NUM_CLASSES = 91  # torchvision's layout: category ids as labels, background 0
 
@@ -86,7 +83,7 @@ def build_detection_lr(cfg: RunConfig):
 
 
 def _objects(cfg: RunConfig, device: torch.device, ctx: Dist) -> Dict[str, Any]:
-    """Every object :func:`train_detector` takes, built in a fixed order (the seed fixes the init)."""
+    """Every object :class:`DetectionTask` takes, built in a fixed order (the seed fixes the init)."""
     torch.manual_seed(cfg.seed)
     train_loader, val_loader, coco_gt, num_classes = build_detection_data(cfg, ctx)
     method = build.build_method(cfg.method)
@@ -102,29 +99,16 @@ def _objects(cfg: RunConfig, device: torch.device, ctx: Dist) -> Dict[str, Any]:
                 train_loader=train_loader, val_loader=val_loader, coco_gt=coco_gt)
 
 
-def train_detection(cfg: RunConfig, *, resume: bool = False, run_dir: Optional[str | Path] = None) -> Dict[str, Any]:
-    """Train (or resume) a detection run in ``run_dir`` (default ``<output_dir>/<experiment>/seed<seed>``);
-    returns the summary of :func:`train_detector` (also ``summary.json``). Best checkpoint by AP."""
-    with claim_run_folder(cfg, run_dir, resume=resume) as (run_dir, resuming):
-        if int(os.environ.get("RANK", "0")) == 0 and not resuming:  # a resume keeps the start's config.yaml
-            save_config(cfg, run_dir / "config.yaml")
-        device = build.build_device(cfg.train.device)
-        ctx = init_distributed(device.type)
-        if ctx.enabled and device.type == "cuda":
-            device = torch.device("cuda", ctx.local_rank)
-            torch.cuda.set_device(device)
-        try:
-            summary = train_detector(**_objects(cfg, device, ctx), epochs=cfg.schedule.epochs, device=device,
-                                  run_dir=run_dir, seed=cfg.seed, ctx=ctx, precision=cfg.train.precision,
-                                  resume=resuming, checkpoint_every=cfg.train.checkpoint_every,
-                                  stop_after_steps=cfg.train.stop_after_steps or None,
-                                  max_steps=cfg.schedule.max_iterations,
-                                  progress=Progress(cfg.train.progress, cfg.train.log_every, enabled=ctx.is_main))
-            if ctx.is_main and summary["status"] == "finished":
-                write_detection_card(cfg, run_dir, summary)  # README.md, config.json, model.safetensors
-            return summary
-        finally:
-            shutdown_distributed(ctx)
+@TASKS.register("detection")
+def build_detection(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> DetectionTask:
+    """The detection task of a config: best checkpoint by AP; a finished run gets its model card."""
+    device, ctx = init_device(build.build_device(cfg.train.device))
+    task = DetectionTask(**_objects(cfg, device, ctx), epochs=cfg.schedule.epochs, device=device, ctx=ctx,
+                         precision=cfg.train.precision, max_steps=cfg.schedule.max_iterations,
+                         on_finish=lambda folder, summary: write_detection_card(cfg, folder, summary))
+    if not resume:
+        start_fresh(task, cfg.seed)
+    return task
 
 
 def evaluate_detection(cfg: RunConfig, weights: str | Path) -> Dict[str, float]:
