@@ -135,13 +135,10 @@ def test_detection_writes_tensorboard_scalars_when_asked(tmp_path, monkeypatch):
 
 
 def add_a_task_code() -> str:
-    """The Python block of the "Add a task" section: README.md's once it is there, else ADD_A_TASK.md's."""
-    for name in ("README.md", "ADD_A_TASK.md"):
-        text = (ROOT / name).read_text()
-        section = re.search(r"## Add a task\n(.*?)(?=\n## |\Z)", text, re.S)
-        if section:
-            return re.search(r"```python\n(.*?)```", section.group(1), re.S).group(1)
-    raise AssertionError("no 'Add a task' section")
+    """The Python block of README.md's "Add a task" section."""
+    section = re.search(r"## Add a task\n(.*?)(?=\n## |\Z)", (ROOT / "README.md").read_text(), re.S)
+    assert section, "README.md has no 'Add a task' section"
+    return re.search(r"```python\n(.*?)```", section.group(1), re.S).group(1)
 
 
 def test_add_a_task_runs_as_written_and_resumes(tmp_path, monkeypatch, capsys):
