@@ -106,7 +106,7 @@ def mask_note(schedule: dict) -> str:
             f"it; to turn it on add method.topk=true method.topk_ramp_end={end} ({why}, deepkd's choice)")
 
 
-def write(path: Path, header: list, recipe: dict, topk: bool = False) -> None:
+def write(path: Path, header: list, recipe: dict, topk: bool = False, mask: Optional[str] = None) -> None:
     recipe = {key: recipe[key] for key in ORDER if key in recipe}
     if topk:  # the paper's dagger rows: the dynamic top-k curriculum on NCKD
         end, why = mask_ramp(recipe["schedule"])
@@ -119,7 +119,7 @@ def write(path: Path, header: list, recipe: dict, topk: bool = False) -> None:
                            "deepkd's choice"]
     elif recipe["method"]["name"].startswith("deepkd"):
         recipe["method"] = {**recipe["method"], "topk": False}
-        header = [*header, mask_note(recipe["schedule"])]
+        header = [*header, mask or mask_note(recipe["schedule"])]
     lines = [f"# {h}" for h in header]
     RECIPES[str(path.relative_to(ROOT))] = "\n".join(lines) + "\n" + yaml.safe_dump(recipe, sort_keys=False)
 
@@ -621,6 +621,62 @@ def write_imagenet_mlkd_crld() -> None:
            TWO_VIEW, group], deep)
 
 
+# DOT (Zhao et al., ICCV 2023): mdistiller's KD distiller under its DistillationOrientedTrainer, which is deepkd_kd
+# with per-sample weights (TCKD + weighted NCKD = KD) under the decoupled optimizer: task m - delta with the weight
+# decay, target = non_target m + delta (tests/test_dot.py). Folder -> (mdistiller config, lr, published top-1).
+DOT_CIFAR = {("resnet32x4", "resnet8x4"): ("res32x4_res8x4", .05, 75.12), ("vgg13", "vgg8"): ("vgg13_vgg8", .05, 73.77),
+             ("resnet32x4", "ShuffleV2"): ("res32x4_shuv2", .01, 75.55)}
+DOT_TINY = {("ResNet18", "MobileNetV2"): ("r18_mv2", 64.01), ("ResNet18", "ShuffleV2"): ("r18_shuv2", 65.75)}
+DOT_IMAGENET = {("resnet34", "resnet18"): ("r34_r18", 71.72), ("resnet50", "mobilenetv1"): ("r50_mv1", 73.09)}
+DOT_SOURCE = "mdistiller's README, DOT table"
+
+
+def _dot(method: dict, lr: float, weight_decay: float, delta: float) -> tuple:
+    """DOT's method section and decoupled optimizer for KD weights ``method`` and momentum 0.9 +- ``delta``."""
+    low, high = round(0.9 - delta, 6), round(0.9 + delta, 6)
+    optimizer = {"name": "decoupled", "lr": lr, "weight_decay": weight_decay, "weight_decay_stream": "task",
+                 "stream_momentum": {"task": low, "target": high, "non_target": high}}
+    return {"name": "deepkd_kd", **method, "per_sample_weight": True}, optimizer
+
+
+def _dot_header(config: str, delta: float, where: str, top1: float) -> list:
+    return [f"DOT (Zhao et al., ICCV 2023), mdistiller's {config}: KD with the task loss and weight decay under "
+            f"momentum {0.9 - delta:g}, the distillation loss under {0.9 + delta:g} (delta {delta:g}); {where}",
+            f"expected top-1: {top1:.2f} ({DOT_SOURCE})"]
+
+
+def _dot_mask(schedule: dict) -> str:
+    end, why = mask_ramp(schedule)
+    return (f"Top-k mask off (method.topk: false): DOT has none; deepkd's would be added with method.topk=true "
+            f"method.topk_ramp_end={end} ({why}, deepkd's choice)")
+
+
+def write_dot() -> None:
+    cifar_kd = {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}  # mdistiller's KD defaults
+    for (t, s), (config, lr, top1) in DOT_CIFAR.items():
+        recipe = distill(t, s, {}, "dot")
+        recipe["method"], recipe["optimizer"] = _dot(cifar_kd, lr, 5e-4, 0.075)
+        write(ROOT / "cifar100" / f"{t}-{s}" / "dot.yaml",
+              _dot_header(f"configs/cifar100/dot/{config}.yaml", 0.075, f"CIFAR-100, {t} -> {s}", top1), recipe,
+              mask=_dot_mask(recipe["schedule"]))
+    for (t, s), (config, top1) in DOT_TINY.items():
+        recipe = dict(tiny_base(s), experiment=f"tinyimagenet_{t}_{s}_dot", teacher={"name": t, "weights": None})
+        recipe["method"], recipe["optimizer"] = _dot(cifar_kd, 0.2, 5e-4, 0.075)
+        header = _dot_header(f"configs/tiny_imagenet/dot/{config}.yaml", 0.075, f"Tiny-ImageNet, {t} -> {s}, batch 256",
+                             top1)
+        write(ROOT / "tinyimagenet" / f"{t}-{s}" / "dot.yaml",
+              header + [TINY_MODELS[s], TINY_AUGMENT, _teacher_first("tinyimagenet", t)], recipe,
+              mask=_dot_mask(recipe["schedule"]))
+    for (t, s), (config, top1) in DOT_IMAGENET.items():
+        recipe = imagenet_base(t, s, "dot")
+        recipe["method"], recipe["optimizer"] = _dot({"temperature": 1.0, "ce_weight": 0.5, "kd_weight": 0.5}, 0.2,
+                                                     1e-4, 0.09)
+        write(ROOT / "imagenet" / f"{t}-{s}" / "dot.yaml",
+              _dot_header(f"configs/imagenet/{config}/dot.yaml", 0.09,
+                          f"ImageNet, {t} -> {s}, batch 512 (e.g. 8 GPUs x 64 with torchrun)", top1), recipe,
+              mask=_dot_mask(recipe["schedule"]))
+
+
 def recipes() -> Dict[str, str]:
     """Every recipe as ``{path relative to src/deepkd/configs: file text}``."""
     RECIPES.clear()
@@ -637,6 +693,7 @@ def recipes() -> Dict[str, str]:
     write_tinyimagenet()
     write_coco()
     write_mlkd_crld()
+    write_dot()
     write_feature_recipes(write, ROOT, cifar_base, teacher, UNVERIFIED)
     return dict(RECIPES)
 
