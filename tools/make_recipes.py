@@ -677,6 +677,44 @@ def write_dot() -> None:
               mask=_dot_mask(recipe["schedule"]))
 
 
+# mdistiller's ImageNet feature configs (configs/imagenet/<config>/<method>.yaml) that deepkd can run: its OFD needs
+# the teacher's BatchNorms before the ReLUs (unknown for torchvision ResNets) and CRD the sample index (ImageNet
+# streams from its folder), so r50_mv1/ofd and both crd configs are not shipped. Folder -> (config, {method: (batch,
+# lr, method keys beyond the builder's defaults, published top-1 or None, notes)}).
+REVIEWKD_SOURCE = "ReviewKD's code, dvlab-research/ReviewKD ImageNet/README.md"
+AT_PAIRING = ("NOTE: mdistiller's MobileNetV1 lists no stem feature, so its feats[1:] pairs the student's stages 2-4 "
+              "with the teacher's 1-3; deepkd pairs stages 1-4 of both (each at the same resolution), as AT intends")
+REVIEWKD_MID = ("max_mid_channel 256 as this config and ReviewKD's own ImageNet code set it (mdistiller's code ignores "
+                "the key and uses min(512, 1024) = 512)")
+IMAGENET_FEATURES = {
+    ("resnet34", "resnet18"): ("r34_r18", {
+        "at": (512, 0.2, {}, None, []),
+        "reviewkd": (256, 0.1, {"reviewkd_weight": 1.0, "warmup_epochs": 1.0, "stu_preact": True,
+                                "in_channels": [64, 128, 256, 512, 512], "out_channels": [64, 128, 256, 512, 512],
+                                "shapes": [1, 7, 14, 28, 56], "out_shapes": [1, 7, 14, 28, 56]}, 71.61, [])}),
+    ("resnet50", "mobilenetv1"): ("r50_mv1", {
+        "at": (512, 0.2, {}, None, [AT_PAIRING]),
+        "reviewkd": (256, 0.1, {
+            "reviewkd_weight": 8.0, "warmup_epochs": 1.0, "max_mid_channel": 256, "stu_preact": True,
+            "in_channels": [128, 256, 512, 1024, 1024], "out_channels": [256, 512, 1024, 2048, 2048],
+            "shapes": [1, 7, 14, 28, 56], "out_shapes": [1, 7, 14, 28, 56]}, 72.56, [REVIEWKD_MID])}),
+}
+
+
+def write_imagenet_features() -> None:
+    from feature_recipes import PAPERS, defaults
+
+    for (t, s), (config, methods) in IMAGENET_FEATURES.items():
+        for method, (batch, lr, keys, top1, notes) in methods.items():
+            recipe = imagenet_base(t, s, method)
+            recipe["data"]["batch_size"], recipe["optimizer"]["lr"] = batch, lr
+            recipe["method"] = {"name": method, **defaults(method), **keys}
+            top = f"expected top-1: {top1:.2f} ({REVIEWKD_SOURCE})" if top1 is not None else UNVERIFIED
+            write(ROOT / "imagenet" / f"{t}-{s}" / f"{method}.yaml",
+                  [f"{PAPERS[method]}, mdistiller's config configs/imagenet/{config}/{method}.yaml; ImageNet, {t} -> "
+                   f"{s}, batch {batch} (e.g. 8 GPUs x {batch // 8} with torchrun)", top, *notes], recipe)
+
+
 def recipes() -> Dict[str, str]:
     """Every recipe as ``{path relative to src/deepkd/configs: file text}``."""
     RECIPES.clear()
@@ -694,6 +732,7 @@ def recipes() -> Dict[str, str]:
     write_coco()
     write_mlkd_crld()
     write_dot()
+    write_imagenet_features()
     write_feature_recipes(write, ROOT, cifar_base, teacher, UNVERIFIED)
     return dict(RECIPES)
 
