@@ -151,14 +151,34 @@ def test_every_recipe_builds(name):
         assert cfg.method.arguments()["topk"] is False and "method.topk_ramp_end=" in text
 
 
-def test_the_generator_writes_exactly_the_shipped_recipes():
+def _generator():
     spec = importlib.util.spec_from_file_location("make_recipes", ROOT / "tools" / "make_recipes.py")
     generator = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generator)
-    written = generator.recipes()
+    return generator
+
+
+def test_the_generator_writes_exactly_the_shipped_recipes():
+    written = _generator().recipes()
     shipped = {str(p.relative_to(recipes_dir())): p.read_text() for p in recipes_dir().rglob("*.yaml")}
     assert sorted(written) == sorted(shipped)
     assert [n for n in written if written[n] != shipped[n]] == []
+
+
+def test_the_generators_templates_and_its_refusals(tmp_path):
+    """A field fills in a value of any type, a row overrides its family's variables, ``when`` skips a row;
+    a variable two tables define is refused."""
+    generator = _generator()
+    env = {"pair": "{t}-{s}", "t": "a", "s": "b", "size": [1, 2], "top": None}
+    assert generator.render({"name": "{pair}", "sizes": "{size}", "first": "{size[0]}"}, env) == {
+        "name": "a-b", "sizes": [1, 2], "first": 1}
+    assert generator.render({"if": "top", "then": "x", "else": "none"}, env) == "none"
+    family = {"rows": [{"t": "c", "top": 1.0}, {"t": "d"}], "vars": {"t": "z", "s": "y"}, "when": "top"}
+    assert [generator.render("{pair}", row) for row in generator.rows(family, env)] == ["c-y"]
+    (tmp_path / "a.yaml").write_text("vars: {X: 1}\n")
+    (tmp_path / "b.yaml").write_text("vars: {X: 2}\n")
+    with pytest.raises(ValueError, match="already defined"):
+        generator.load_tables(tmp_path)
 
 
 def test_recipe_names_resolve_from_any_folder(tmp_path, monkeypatch):

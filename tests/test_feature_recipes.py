@@ -1,5 +1,5 @@
 """The feature-distillation recipes: each builds its method on the real models of its pair (the
-connectors need their shapes), is what tools/feature_recipes.py says, and is headed by its source."""
+connectors need their shapes), is what tools/recipe_tables/features.yaml says, and is headed by its source."""
 from __future__ import annotations
 
 import functools
