@@ -92,6 +92,40 @@ def test_recipes_cover_every_pair():
     assert len(RECIPES) >= 200
 
 
+# DOT (issue 20 item 6): mdistiller's seven DOT configs -> (lr, weight decay, delta, KD weights, published top-1)
+DOT = {"cifar100/resnet32x4-resnet8x4": (0.05, 5e-4, 0.075, (4.0, 0.1, 0.9), 75.12),
+       "cifar100/vgg13-vgg8": (0.05, 5e-4, 0.075, (4.0, 0.1, 0.9), 73.77),
+       "cifar100/resnet32x4-ShuffleV2": (0.01, 5e-4, 0.075, (4.0, 0.1, 0.9), 75.55),
+       "tinyimagenet/ResNet18-MobileNetV2": (0.2, 5e-4, 0.075, (4.0, 0.1, 0.9), 64.01),
+       "tinyimagenet/ResNet18-ShuffleV2": (0.2, 5e-4, 0.075, (4.0, 0.1, 0.9), 65.75),
+       "imagenet/resnet34-resnet18": (0.2, 1e-4, 0.09, (1.0, 0.5, 0.5), 71.72),
+       "imagenet/resnet50-mobilenetv1": (0.2, 1e-4, 0.09, (1.0, 0.5, 0.5), 73.09)}
+
+DOT_SOLVER = {"cifar100": (64, 240, [150, 180, 210]), "tinyimagenet": (256, 200, [60, 120, 160]),
+              "imagenet": (512, 100, [30, 60, 90])}  # batch, epochs, milestones of each set's DOT configs
+
+
+@pytest.mark.parametrize("pair", DOT)
+def test_dot_recipes_are_kd_under_dots_two_momenta(pair):
+    """Each is deepkd_kd with per-sample weights under task m - delta (with the weight decay) and
+    target = non_target m + delta, the configuration tests/test_dot.py proves equal to mdistiller's DOT."""
+    assert f"{pair}/dot" in RECIPES
+    lr, weight_decay, delta, (temperature, ce_weight, kd_weight), top1 = DOT[pair]
+    cfg = load_config(f"{pair}/dot")
+    arguments = cfg.method.arguments()
+    assert cfg.method.name == "deepkd_kd" and arguments["per_sample_weight"] is True
+    assert (arguments["temperature"], arguments["ce_weight"], arguments["kd_weight"]) == (temperature, ce_weight,
+                                                                                          kd_weight)
+    momenta = cfg.optimizer.stream_momentum
+    assert cfg.optimizer.name == "decoupled" and cfg.optimizer.weight_decay_stream == "task"
+    assert momenta["target"] == momenta["non_target"] == pytest.approx(0.9 + delta)
+    assert momenta["task"] == pytest.approx(0.9 - delta)
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (lr, weight_decay)
+    batch, epochs, milestones = DOT_SOLVER[pair.split("/")[0]]
+    assert (cfg.data.batch_size, cfg.schedule.epochs, cfg.schedule.milestones) == (batch, epochs, milestones)
+    assert f"expected top-1: {top1:.2f}" in find_recipe(f"{pair}/dot").read_text().splitlines()[1]
+
+
 # coco: test_detection_train; feature methods (their connectors need the models): test_feature_recipes
 @pytest.mark.parametrize("name", [n for n in RECIPES if not n.startswith("coco/") and n not in FEATURE])
 def test_every_recipe_builds(name):
@@ -117,14 +151,34 @@ def test_every_recipe_builds(name):
         assert cfg.method.arguments()["topk"] is False and "method.topk_ramp_end=" in text
 
 
-def test_the_generator_writes_exactly_the_shipped_recipes():
+def _generator():
     spec = importlib.util.spec_from_file_location("make_recipes", ROOT / "tools" / "make_recipes.py")
     generator = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generator)
-    written = generator.recipes()
+    return generator
+
+
+def test_the_generator_writes_exactly_the_shipped_recipes():
+    written = _generator().recipes()
     shipped = {str(p.relative_to(recipes_dir())): p.read_text() for p in recipes_dir().rglob("*.yaml")}
     assert sorted(written) == sorted(shipped)
     assert [n for n in written if written[n] != shipped[n]] == []
+
+
+def test_the_generators_templates_and_its_refusals(tmp_path):
+    """A field fills in a value of any type, a row overrides its family's variables, ``when`` skips a row;
+    a variable two tables define is refused."""
+    generator = _generator()
+    env = {"pair": "{t}-{s}", "t": "a", "s": "b", "size": [1, 2], "top": None}
+    assert generator.render({"name": "{pair}", "sizes": "{size}", "first": "{size[0]}"}, env) == {
+        "name": "a-b", "sizes": [1, 2], "first": 1}
+    assert generator.render({"if": "top", "then": "x", "else": "none"}, env) == "none"
+    family = {"rows": [{"t": "c", "top": 1.0}, {"t": "d"}], "vars": {"t": "z", "s": "y"}, "when": "top"}
+    assert [generator.render("{pair}", row) for row in generator.rows(family, env)] == ["c-y"]
+    (tmp_path / "a.yaml").write_text("vars: {X: 1}\n")
+    (tmp_path / "b.yaml").write_text("vars: {X: 2}\n")
+    with pytest.raises(ValueError, match="already defined"):
+        generator.load_tables(tmp_path)
 
 
 def test_recipe_names_resolve_from_any_folder(tmp_path, monkeypatch):
