@@ -15,6 +15,7 @@ from typing import Dict, Optional
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from detection_feature_recipes import coco_feature_recipes  # noqa: E402  (ReviewKD on COCO: the FPN recipes)
 from feature_recipes import write_feature_recipes  # noqa: E402  (a sibling script's data and writer)
 
 ROOT = Path(__file__).resolve().parents[1] / "src" / "deepkd" / "configs"
@@ -636,6 +637,7 @@ def recipes() -> Dict[str, str]:
     write_cifar10()
     write_tinyimagenet()
     write_coco()
+    RECIPES.update(coco_feature_recipes(coco_base, COCO_PAIRS, COCO_DKD, [COCO_SAME, COCO_DIFFERENT], ORDER))
     write_mlkd_crld()
     write_feature_recipes(write, ROOT, cifar_base, teacher, UNVERIFIED)
     return dict(RECIPES)
