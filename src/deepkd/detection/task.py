@@ -137,6 +137,9 @@ def train_detector(*, student: nn.Module, teacher: Optional[nn.Module], method: 
                    progress: Optional[Progress] = None) -> Dict[str, Any]:
     """Train ``student`` for ``epochs`` epochs (or resume ``run_dir/last.pt``); returns the summary.
 
+    ``method``: a logit method, or a feature method (``reviewkd`` with ``fpn: true``, ``dkd+reviewkd``)
+    built from both models' :func:`~deepkd.detection.roi.pyramid_info`, on the student's device, its
+    parameters (the connectors) in ``optimizer`` after the student's; they are saved with the student.
     COCO AP (``coco_evaluate`` on ``val_loader`` against ``coco_gt``) every ``eval_every`` epochs and
     at the end; ``best.pt`` follows the best AP. ``max_steps``: an iteration budget (the run ends,
     evaluated, after that many steps even mid-epoch). ``seed`` seeds the global RNG of a fresh run.
