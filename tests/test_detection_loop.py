@@ -152,12 +152,17 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     assert all(0.0 <= r["AP"] <= 100.0 for r in results.values())
     assert json.loads((tmp_path / "demo.json").read_text()) == results
     assert any(line.startswith("deepkd_dkd") for line in lines)
-    again = run_detection_demo(tmp_path, quick=True, log=lines.append)  # finished runs are reused
-    assert {k: v["AP"] for k, v in again.items()} == {k: v["AP"] for k, v in results.items()}
+    again = run_detection_demo(tmp_path, quick=True, log=lines.append, features=True)  # finished runs are reused
+    assert {k: v["AP"] for k, v in again.items() if k in results} == {k: v["AP"] for k, v in results.items()}
+    assert list(again) == [*results, "reviewkd", "dkd_reviewkd"]  # --features: ReviewKD on the FPN, with DKD
+    assert all(0.0 <= r["AP"] <= 100.0 for r in again.values())
+    for name in ("reviewkd", "dkd_reviewkd"):  # the connectors were trained and saved with the student
+        saved = load_checkpoint(tmp_path / name / "last.pt")["method"]
+        assert any(key.endswith("abfs.0.conv1.0.weight") for key in saved)
 
 
 @pytest.mark.slow
 def test_demo_teacher_reaches_50_ap_and_every_student_scores(tmp_path):
-    results = run_detection_demo(tmp_path, log=print)
+    results = run_detection_demo(tmp_path, log=print, features=True)
     assert results["teacher"]["AP"] >= 50.0
-    assert all(results[name]["AP"] > 0.0 for name in METHODS)
+    assert all(results[name]["AP"] > 0.0 for name in [*METHODS, "reviewkd", "dkd_reviewkd"])

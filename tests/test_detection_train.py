@@ -1,5 +1,6 @@
 """``deepkd train`` / ``deepkd eval`` of detection configs on the synthetic COCO-format set: the files
 a run writes, best checkpoint by AP, exact resume, strict keys, and the shipped COCO recipes."""
+import functools
 import json
 
 import pytest
@@ -7,12 +8,12 @@ import torch
 import yaml
 
 from deepkd.cli import main
-from deepkd.detection import list_detectors
+from deepkd.detection import create_detector, list_detectors
 from deepkd.engine.logs import read_jsonl
 from deepkd.train import build
 from deepkd.train.config import ConfigError, config_to_dict, load_config
-from deepkd.train.detection_task import build_detection_lr
-from deepkd.train.method_config import is_deepkd_method
+from deepkd.train.detection_task import build_detection_lr, build_detection_method
+from deepkd.train.method_config import is_deepkd_method, method_features
 from deepkd.train.recipes import find_recipe, list_recipes
 
 COCO_RECIPES = list_recipes("coco/")
@@ -134,7 +135,15 @@ def test_coco_recipes_cover_the_three_pairs():
     assert len(pairs) == 3
     for pair in pairs:
         assert {n.rsplit("/", 1)[1] for n in COCO_RECIPES if f"/{pair}/" in n} == {
-            "student", "kd", "dkd", "deepkd_dkd", "deepkd_dkd_topk"}
+            "student", "kd", "dkd", "deepkd_dkd", "deepkd_dkd_topk", "reviewkd", "dkd_reviewkd"}
+
+
+@functools.lru_cache(maxsize=None)
+def _detector(name):
+    """A COCO recipe's detector, the architecture only (no weights, no memory: its FPN levels are those of
+    the weighted one, and pyramid_info's dry run works on meta tensors)."""
+    with torch.device("meta"):
+        return create_detector(name, 91)
 
 
 @pytest.mark.parametrize("name", COCO_RECIPES)
@@ -142,16 +151,23 @@ def test_every_coco_recipe_builds(name):
     cfg, text = load_config(name), find_recipe(name).read_text()
     assert text.startswith("# ") and "expected AP" in text and "Detectron2" in text
     assert cfg.detection and {cfg.student.name, *(m.name for m in [cfg.teacher] if m)} <= set(list_detectors())
-    method = build.build_method(cfg.method)
+    models = [_detector(cfg.student.name), _detector(cfg.teacher.name)] if method_features(cfg.method.name) else [
+        None, None]
+    method = build_detection_method(cfg.method, *models)
     assert method.needs_teacher == (cfg.teacher is not None)
-    if cfg.method.name != "ce":  # pitfall 6: no CIFAR defaults
-        assert cfg.method.resolved_arguments()["temperature"] == 1.0
+    arguments = cfg.method.resolved_arguments()
+    if "reviewkd" in cfg.method.name:  # the reference's detection setting: every FPN level, no warm-up
+        review = arguments.get("reviewkd", arguments)
+        assert review["fpn"] is True and review["warmup_epochs"] == 0 and len(method.state_dict()) > 0
+        assert review["reviewkd_weight"] == {"r50fpn-r18fpn": 1.2, "r50fpnv2-r50fpn": 1.0,
+                                             "r50fpn-mv2fpn": 2.0}[name.split("/")[1]]
+        arguments = arguments.get("dkd")  # DKD's part of dkd+reviewkd (reviewkd alone has no temperature)
+    if cfg.method.name != "ce" and arguments is not None:  # pitfall 6: no CIFAR defaults
+        assert arguments["temperature"] == 1.0
     if is_deepkd_method(cfg.method.name):  # pitfall 8: task momentum = the base 0.9, weight decay on task
         assert cfg.optimizer.stream_momentum["task"] == 0.9 and cfg.optimizer.weight_decay_stream == "task"
         if cfg.method.arguments()["topk"]:  # pitfall 7: the ramp's start is explicit
             assert {"topk_ramp_start", "topk_ramp_end"} <= set(cfg.method.arguments())
-    from deepkd.detection import create_detector
-
     with torch.device("meta"):  # the architecture only: no weight download
         student = create_detector(cfg.student.name, 91)
         if cfg.teacher is not None:

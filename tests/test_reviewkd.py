@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from deepkd.errors import ConfigError
-from deepkd.features import FeatureInfo
+from deepkd.features import FeatureInfo, Features
 from deepkd.losses import build_method
 from deepkd.losses.feature.reviewkd import hcl
 from deepkd.models import create_model
@@ -182,6 +182,65 @@ def test_lists_that_do_not_fit_the_models_are_refused_in_one_sentence(changes, m
 def test_models_reviewkd_cannot_read_are_refused_in_one_sentence(student, teacher, changes, message):
     with pytest.raises(ConfigError, match=message):
         build_method("reviewkd", student_info=student, teacher_info=teacher, **changes)
+
+
+@pytest.mark.parametrize("student, teacher, changes, message", [
+    (_info(pooled=None), _info(pooled=None), {}, "teacher's pooled feature .*set reviewkd's fpn: true"),
+    (_info(stages=3), _info(stages=5), {"fpn": True}, "pairs the pyramids level by level, .* 3 levels and the teach"),
+    (_info(), _info(), {"fpn": True, "stu_preact": True}, "fpn: true reads the pyramid's levels as they are"),
+])
+def test_pyramids_reviewkd_cannot_pair_are_refused_in_one_sentence(student, teacher, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        build_method("reviewkd", student_info=student, teacher_info=teacher, **changes)
+
+
+def _pyramid(channels, height, width, levels=3, seed=0):
+    """FPN-like levels, finest first, halving (a detector's batch: not square, not the dry run's size)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, channels, height >> i, width >> i, generator=generator, dtype=torch.float64)
+            for i in range(levels)]
+
+
+def test_fpn_mode_pairs_every_level_as_the_detection_reference_in_float64():
+    """ReviewKD's Detection/model (kd_trans.py, rcnn.py): every student FPN level through its ABF (the deepest
+    without fusion, no 1x1 pooled level, no stem skipped), HCL against the teacher's level of the same index,
+    times the weight; no warm-up. The batch's sizes differ from the dry run's: the outputs follow the batch."""
+    s_info = FeatureInfo([8] * 3, [(32, 32), (16, 16), (8, 8)], None, False)
+    t_info = FeatureInfo([32] * 3, [(32, 32), (16, 16), (8, 8)], None, False)
+    method = build_method("reviewkd", student_info=s_info, teacher_info=t_info, fpn=True, reviewkd_weight=1.2,
+                          warmup_epochs=0).double()
+    assert [abf.att_conv is None for abf in method.abfs] == [True, False, False]
+    assert {abf.conv1[0].out_channels for abf in method.abfs} == {8}  # min(512, the student's FPN width)
+    fs = Features(torch.randn(6, 5, dtype=torch.float64, requires_grad=True), _pyramid(8, 32, 48))
+    ft = Features(torch.randn(6, 5, dtype=torch.float64), _pyramid(32, 32, 48, seed=1))
+    for level in fs.stages:
+        level.requires_grad_(True)
+    target = torch.randint(0, 5, (6,))
+    terms = method(fs, ft, target, epoch=1)
+    outputs, residual = [], None
+    for abf, x in zip(method.abfs, reversed(fs.stages)):
+        out, residual = _abf(abf, x, residual)
+        outputs.insert(0, out)
+    reference = 1.2 * sum(_hcl_level(s, t) for s, t in zip(outputs, ft.stages))
+    torch.testing.assert_close(terms["reviewkd"].value, reference, rtol=1e-10, atol=0)
+    wrt = [*fs.stages, *method.parameters()]
+    ours = torch.autograd.grad(terms["reviewkd"].value, wrt, retain_graph=True)
+    for a, b in zip(ours, torch.autograd.grad(reference, wrt)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(terms["ce"].value, F.cross_entropy(fs.logits, target))
+    torch.testing.assert_close(method(fs, ft, target, epoch=40)["reviewkd"].value, terms["reviewkd"].value)
+
+
+def test_fpn_mode_resizes_each_output_to_its_teacher_level():
+    """A student pyramid on other strides than the teacher's: each ABF output takes its teacher level's size."""
+    s_info = FeatureInfo([4] * 3, [(16, 16), (8, 8), (4, 4)], None, False)
+    t_info = FeatureInfo([6] * 3, [(32, 32), (16, 16), (8, 8)], None, False)
+    method = build_method("reviewkd", student_info=s_info, teacher_info=t_info, fpn=True).double()
+    fs, ft = Features(torch.zeros(1, 2), _pyramid(4, 16, 24)), Features(torch.zeros(1, 2), _pyramid(6, 32, 48))
+    sizes = [tuple(t.shape[2:]) for t in reversed(ft.stages)]
+    assert [tuple(o.shape[1:]) for o in method.fuse(method.student_levels(fs), sizes)] == [
+        tuple(t.shape[1:]) for t in ft.stages]
+    assert torch.isfinite(method(fs, ft, torch.zeros(1, dtype=torch.long), epoch=1)["reviewkd"].value)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from deepkd.errors import DeepKDError
+from deepkd.errors import ConfigError, DeepKDError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print a JSON object of the results last")
     demo.add_argument("--train-teacher", action="store_true",
                       help="train the teacher here (2.5 minutes; the same weights as the shipped one, bit for bit)")
+    demo.add_argument("--features", action="store_true",
+                      help="detection: also ReviewKD and DKD+ReviewKD on the FPN (two more students)")
     demo.add_argument("--out", default=None,
                       help="folder for the demo's runs and plot (runs/demo, runs/demo_detection)")
     listing = sub.add_parser("list", help="list models, methods or recipes")
@@ -224,8 +226,12 @@ def cmd_summary(args) -> int:
 def cmd_demo(args) -> int:
     from deepkd.commands.demo import run_demo, run_detection_demo
 
+    if args.features and args.what != "detection":
+        raise ConfigError("--features adds the FPN feature methods to deepkd demo detection; the classification "
+                          "demo has no such rows")
     if args.what == "detection":
-        run_detection_demo(out=args.out or "runs/demo_detection", quick=args.quick, as_json=args.json)
+        run_detection_demo(out=args.out or "runs/demo_detection", quick=args.quick, as_json=args.json,
+                           features=args.features)
     else:
         run_demo(out=args.out or "runs/demo", quick=args.quick, as_json=args.json, train_teacher=args.train_teacher)
     return 0

@@ -158,10 +158,11 @@ def _report(rows: Dict[str, float], seconds: float, out: Path) -> None:
 
 
 def run_detection_demo(out: str | Path = "runs/demo_detection", quick: bool = False,
-                       as_json: bool = False) -> Dict[str, float]:
+                       as_json: bool = False, features: bool = False) -> Dict[str, float]:
     """``deepkd demo detection``: the tiny Faster R-CNN teacher, then the student alone, with DKD and with
-    DeepKD+DKD on the synthetic COCO-format set (:mod:`deepkd.detection.demo`); returns
-    ``{row: final box AP, "seconds": wall time}`` and writes ``comparison.png``."""
+    DeepKD+DKD on the synthetic COCO-format set (:mod:`deepkd.detection.demo`); ``features``
+    (``--features``): also ReviewKD and DKD+ReviewKD on the FPN. Returns ``{row: final box AP,
+    "seconds": wall time}`` and writes ``comparison.png``."""
     import torch
 
     from deepkd.detection.demo import run_detection_demo as run_rows
@@ -173,11 +174,12 @@ def run_detection_demo(out: str | Path = "runs/demo_detection", quick: bool = Fa
     torch.set_num_threads(1)
     started = time.time()
     try:
-        results = run_rows(out, quick=quick)
+        results = run_rows(out, quick=quick, features=features)
     finally:
         torch.set_num_threads(threads)
     seconds = time.time() - started
-    names = {"teacher": "teacher", "plain": "student alone", "dkd": "DKD", "deepkd_dkd": "DeepKD+DKD"}
+    names = {"teacher": "teacher", "plain": "student alone", "dkd": "DKD", "deepkd_dkd": "DeepKD+DKD",
+             "reviewkd": "ReviewKD", "dkd_reviewkd": "DKD+ReviewKD"}
     rows = {names.get(k, k): round(v["AP"], 2) for k, v in results.items()}
     figure = plot_comparison(rows, out / "comparison.png", "deepkd demo detection: synthetic COCO-format set")
     print(f"\nwall time {seconds:.0f}s; runs and figure in {out} ({figure.name})")

@@ -20,6 +20,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 
 from deepkd.errors import ConfigError, DataError
+from deepkd.features import FeatureInfo
 
 Target = Dict[str, torch.Tensor]
 
@@ -32,7 +33,8 @@ class RoIOutputs(NamedTuple):
     - ``images``: the transformed, padded batch (``ImageList``: ``tensors [B, 3, H, W]``, ``image_sizes``);
     - ``proposals``: the sampled proposals per image, ``[n_i, 4]`` xyxy in the transformed frame;
     - ``labels``: ``int64 [N]``, ``N = sum n_i``, the class each proposal was matched to (0 = background);
-    - ``class_logits``: ``[N, C]``, the box predictor's class scores of those proposals.
+    - ``class_logits``: ``[N, C]``, the box predictor's class scores of those proposals;
+    - ``features``: the backbone's output levels in its order (an FPN's: ``[B, C, H_l, W_l]``, finest first).
     """
 
     losses: Dict[str, torch.Tensor]
@@ -40,6 +42,15 @@ class RoIOutputs(NamedTuple):
     proposals: List[torch.Tensor]
     labels: torch.Tensor
     class_logits: torch.Tensor
+    features: List[torch.Tensor]
+
+
+class TeacherOutputs(NamedTuple):
+    """What :func:`teacher_forward` returns: ``class_logits`` ``[N, C]`` on the student's proposals and
+    ``features``, the teacher backbone's output levels (as :attr:`RoIOutputs.features`)."""
+
+    class_logits: torch.Tensor
+    features: List[torch.Tensor]
 
 
 def check_detector(model: nn.Module, role: str = "student") -> None:
@@ -81,9 +92,7 @@ def roi_forward(model: nn.Module, images: Sequence[torch.Tensor], targets: Seque
                           "samplers only run in training")
     image_list, targets = model.transform(list(images), [dict(t) for t in targets])
     _check_targets(targets)
-    features = model.backbone(image_list.tensors)
-    if isinstance(features, torch.Tensor):
-        features = OrderedDict([("0", features)])
+    features = _levels(model.backbone(image_list.tensors))
     proposals, rpn_losses = model.rpn(image_list, features, targets)
     heads = model.roi_heads
     proposals, _, labels, regression_targets = heads.select_training_samples(proposals, targets)
@@ -92,13 +101,25 @@ def roi_forward(model: nn.Module, images: Sequence[torch.Tensor], targets: Seque
     loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
     # the key order of GeneralizedRCNN.forward: detector losses, then proposal losses
     losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, **rpn_losses}
-    return RoIOutputs(losses, image_list, proposals, torch.cat(labels), class_logits)
+    return RoIOutputs(losses, image_list, proposals, torch.cat(labels), class_logits, list(features.values()))
+
+
+def _levels(features) -> "OrderedDict[str, torch.Tensor]":
+    """A backbone's output as named levels (a single map is level ``"0"``, as torchvision names it)."""
+    return OrderedDict([("0", features)]) if isinstance(features, torch.Tensor) else features
+
+
+def teacher_roi_logits(teacher: nn.Module, image_tensors: torch.Tensor, proposals: Sequence[torch.Tensor],
+                       image_sizes: Sequence[Tuple[int, int]]) -> torch.Tensor:
+    """The teacher's class logits ``[N, C]`` for the student's proposals: :func:`teacher_forward`'s."""
+    return teacher_forward(teacher, image_tensors, proposals, image_sizes).class_logits
 
 
 @torch.no_grad()
-def teacher_roi_logits(teacher: nn.Module, image_tensors: torch.Tensor, proposals: Sequence[torch.Tensor],
-                       image_sizes: Sequence[Tuple[int, int]]) -> torch.Tensor:
-    """The teacher's class logits ``[N, C]`` for the student's proposals (``N = sum len(p)``).
+def teacher_forward(teacher: nn.Module, image_tensors: torch.Tensor, proposals: Sequence[torch.Tensor],
+                    image_sizes: Sequence[Tuple[int, int]]) -> TeacherOutputs:
+    """The teacher's class logits ``[N, C]`` for the student's proposals (``N = sum len(p)``) and its
+    backbone's levels (:class:`TeacherOutputs`).
 
     ``image_tensors`` ``[B, 3, H, W]`` and ``image_sizes`` are the student's transformed batch
     (``RoIOutputs.images``): the teacher sees the student's resolution, as in the DKD reference;
@@ -108,19 +129,36 @@ def teacher_roi_logits(teacher: nn.Module, image_tensors: torch.Tensor, proposal
     if teacher.training:
         raise ConfigError("the detection teacher is in train mode; call deepkd.detection.prepare_teacher(teacher) "
                           "once before training")
-    features = teacher.backbone(image_tensors)
-    if isinstance(features, torch.Tensor):
-        features = OrderedDict([("0", features)])
+    features = _levels(teacher.backbone(image_tensors))
     heads = teacher.roi_heads
     box_features = heads.box_head(heads.box_roi_pool(features, list(proposals), list(image_sizes)))
     class_logits, _ = heads.box_predictor(box_features)
-    return class_logits
+    return TeacherOutputs(class_logits, list(features.values()))
+
+
+@torch.no_grad()
+def pyramid_info(model: nn.Module, size: int = 128) -> FeatureInfo:
+    """A detector's backbone levels as a feature method reads them (a torchvision FPN's ``"0"`` ... ``"pool"``):
+    channels and sizes from a dry run of ``model.backbone`` on one zero ``size`` x ``size`` image (small:
+    a CPU dry run of a ResNet-FPN at 800 px takes seconds); no pooled vector, no pre-activations. The
+    sizes follow the input: a method reads each batch's own (reviewkd's ``fpn: true``)."""
+    check_detector(model, role="model")
+    param = next(model.parameters())
+    modes = {module: module.training for module in model.backbone.modules()}
+    model.backbone.eval()  # a BatchNorm in train mode would fold the zero image into its running statistics
+    try:
+        levels = list(_levels(model.backbone(param.new_zeros(1, 3, size, size))).values())
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return FeatureInfo([t.shape[1] for t in levels], [tuple(t.shape[2:]) for t in levels], pooled=None, preact=False)
 
 
 def prepare_teacher(teacher: nn.Module) -> nn.Module:
     """Freeze ``teacher`` for distillation: eval mode, ``requires_grad=False`` everywhere; returns it.
 
-    Build the optimizer from the student's parameters only (``train_detector`` checks it).
+    Build the optimizer from the student's parameters and a feature method's only (``train_detector``
+    checks it).
     """
     check_detector(teacher, role="teacher")
     teacher.eval()

@@ -27,9 +27,13 @@ from deepkd.errors import ConfigError
 from deepkd.losses import Method
 
 
-def _check_optimizer(optimizer: torch.optim.Optimizer, teacher: Optional[nn.Module]) -> None:
+def _check_optimizer(optimizer: torch.optim.Optimizer, teacher: Optional[nn.Module], method: Method) -> None:
     params = optimizer_params(optimizer)
     ids = {id(p) for p in teacher.parameters()} if teacher is not None else set()
+    held = {id(p) for p in params}
+    if any(id(p) not in held for p in method.parameters() if p.requires_grad):
+        raise ConfigError(f"the optimizer lacks method {type(method).__name__}'s parameters (its connectors): build "
+                          "it from the student's trainable parameters, then the method's")
     if any(id(p) in ids for p in params):
         raise ConfigError("the optimizer holds teacher parameters; build it from the student's parameters only")
     if any(not p.requires_grad for p in params):
@@ -44,7 +48,8 @@ def _to_device(images, targets, device: torch.device):
 
 
 class DetectionTask(Task):
-    """A detector distilled on its RoI classifier. ``lr_at(step)``: the learning rate of optimizer step
+    """A detector distilled on its RoI classifier (a feature method: also on its FPN, its connectors
+    trained by ``optimizer`` and saved with the student). ``lr_at(step)``: the learning rate of optimizer step
     ``step`` (0-based; e.g. :func:`deepkd.optim.warmup_multistep_lr`); the method sees the 1-based
     epoch in progress. ``max_steps``: an iteration budget. ``on_finish(run_dir, summary)``: what a
     finished run leaves besides ``summary.json`` (``deepkd train``: the model card)."""
@@ -56,7 +61,7 @@ class DetectionTask(Task):
                  val_loader: DetectionLoader, coco_gt, epochs: int, device: torch.device, ctx: Optional[Dist] = None,
                  precision: str = "fp32", eval_every: int = 1, max_steps: Optional[int] = None,
                  on_finish: Optional[Callable[[Path, Dict[str, Any]], None]] = None):
-        _check_optimizer(optimizer, teacher)  # the student's trainable parameters only; a frozen teacher that fits
+        _check_optimizer(optimizer, teacher, method)  # the student's and method's trainable parameters only
         if teacher is not None:
             check_pair(student, teacher)
             prepare_teacher(teacher)
@@ -117,9 +122,10 @@ class DetectionTask(Task):
 
 def start_fresh(task: DetectionTask, seed: int) -> None:
     """A new run: seed the global RNG (the RPN and RoI samplers draw from it); every rank starts from
-    rank 0's student. A resume restores the saved RNG instead."""
+    rank 0's student and method (a feature method's connectors). A resume restores the saved RNG instead."""
     torch.manual_seed(seed)
     broadcast_module(task.model, task.ctx)
+    broadcast_module(task.method, task.ctx)
 
 
 def train_detector(*, student: nn.Module, teacher: Optional[nn.Module], method: Method,
@@ -131,6 +137,9 @@ def train_detector(*, student: nn.Module, teacher: Optional[nn.Module], method: 
                    progress: Optional[Progress] = None) -> Dict[str, Any]:
     """Train ``student`` for ``epochs`` epochs (or resume ``run_dir/last.pt``); returns the summary.
 
+    ``method``: a logit method, or a feature method (``reviewkd`` with ``fpn: true``, ``dkd+reviewkd``)
+    built from both models' :func:`~deepkd.detection.roi.pyramid_info`, on the student's device, its
+    parameters (the connectors) in ``optimizer`` after the student's; they are saved with the student.
     COCO AP (``coco_evaluate`` on ``val_loader`` against ``coco_gt``) every ``eval_every`` epochs and
     at the end; ``best.pt`` follows the best AP. ``max_steps``: an iteration budget (the run ends,
     evaluated, after that many steps even mid-epoch). ``seed`` seeds the global RNG of a fresh run.

@@ -9,8 +9,9 @@ the task registry (:func:`deepkd.train.loop.train` runs it under the run folder'
 from __future__ import annotations
 
 import functools
+import inspect
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -20,16 +21,21 @@ from deepkd.detection.coco import CocoDetection, DetectionLoader
 from deepkd.detection.download import coco_paths, prepare_coco
 from deepkd.detection.evaluate import coco_evaluate
 from deepkd.detection.models import create_detector
+from deepkd.detection.roi import pyramid_info
 from deepkd.detection.synthetic import NUM_CLASSES as SYNTHETIC_NUM_CLASSES
 from deepkd.detection.synthetic import write_synthetic_coco
 from deepkd.detection.task import DetectionTask, start_fresh
 from deepkd.engine.distributed import Dist, init_device
 from deepkd.engine.task import TASKS
 from deepkd.errors import ConfigError, MissingFileError
+from deepkd.losses import Method
+from deepkd.losses.registry import build_method as _build_method
+from deepkd.losses.registry import method_builder
 from deepkd.models import load_weights
 from deepkd.optim import warmup_multistep_lr
 from deepkd.train import build
 from deepkd.train.detection_card import write_detection_card
+from deepkd.train.method_config import MethodConfig, method_needs_teacher
 from deepkd.train.run_config import ModelConfig, RunConfig
 
 COCO_NUM_CLASSES = 91  # torchvision's layout: category ids as labels, background 0
@@ -82,20 +88,30 @@ def build_detection_lr(cfg: RunConfig):
                              gamma=s.gamma, warmup_iterations=s.warmup_iterations, warmup_factor=s.warmup_factor)
 
 
+def build_detection_method(cfg: MethodConfig, student: nn.Module, teacher: Optional[nn.Module]) -> Method:
+    """The method section's loss module; a feature method (``reviewkd``, ``dkd+reviewkd``) also gets the
+    student's and teacher's backbone levels (:func:`deepkd.detection.roi.pyramid_info`)."""
+    wanted = inspect.signature(method_builder(cfg.name)).parameters
+    if not {"student_info", "teacher_info"} & set(wanted):
+        return _build_method(cfg.name, **cfg.arguments())
+    infos = {"student_info": pyramid_info(student), "teacher_info": pyramid_info(teacher)}
+    return _build_method(cfg.name, **cfg.arguments(), **{k: v for k, v in infos.items() if k in wanted})
+
+
 def _objects(cfg: RunConfig, device: torch.device, ctx: Dist) -> Dict[str, Any]:
     """Every object :class:`DetectionTask` takes, built in a fixed order (the seed fixes the init)."""
     torch.manual_seed(cfg.seed)
     train_loader, val_loader, coco_gt, num_classes = build_detection_data(cfg, ctx)
-    method = build.build_method(cfg.method)
     student = build_detector(cfg.student, cfg, num_classes).to(device)
     teacher = None
-    if method.needs_teacher:
+    if method_needs_teacher(cfg.method.name):
         if cfg.teacher is None or not cfg.teacher.weights:
             raise ConfigError("this method distils from a detection teacher: set teacher.name and teacher.weights "
                               "(torchvision:COCO_V1 or a trained detector's checkpoint)")
         teacher = build_detector(cfg.teacher, cfg, num_classes).to(device)
+    method = build_detection_method(cfg.method, student, teacher).to(device)
     return dict(student=student, teacher=teacher, method=method,
-                optimizer=build.build_optimizer(cfg.optimizer, student), lr_at=build_detection_lr(cfg),
+                optimizer=build.build_optimizer(cfg.optimizer, student, method), lr_at=build_detection_lr(cfg),
                 train_loader=train_loader, val_loader=val_loader, coco_gt=coco_gt)
 
 

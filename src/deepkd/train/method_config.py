@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from deepkd.registry import closest
 
-__all__ = ["MethodConfig", "is_deepkd_method", "method_features", "method_needs_teacher", "method_views"]
+__all__ = ["MethodConfig", "is_deepkd_method", "method_features", "method_needs_teacher", "method_reads_detectors",
+           "method_views"]
 
 
 def _method_builder(name: str) -> Callable:
@@ -41,6 +42,14 @@ def method_views(name: str) -> int:
 def method_features(name: str) -> bool:
     """A feature method: it reads the models' intermediate features (``Method.features``)."""
     return bool(getattr(_method_builder(name), "features", False))
+
+
+def method_reads_detectors(name: str) -> bool:
+    """Every feature part of the method can read a detector's backbone levels (registered with
+    ``detection=True``: reviewkd's ``fpn: true``); a logit method reads the RoI logits."""
+    from deepkd.losses import registry
+
+    return all(registry.METHODS.info(part).get("detection", False) for part in name.split("+") if method_features(part))
 
 
 def is_deepkd_method(name: str) -> bool:

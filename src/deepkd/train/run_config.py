@@ -20,6 +20,7 @@ from deepkd.train.method_config import (
     is_deepkd_method,
     method_features,
     method_needs_teacher,
+    method_reads_detectors,
     method_views,
 )
 from deepkd.train.optim_config import OptimizerConfig, ScheduleConfig, SGDConfig, StepScheduleConfig
@@ -100,7 +101,8 @@ class RunConfig(_Strict):
 
     def _check_features(self) -> None:
         """A feature method reads the models' intermediate tensors on every step: no teacher-logit cache,
-        no per-sample GSNR probe (it feeds the method logits), no ``torch.compile`` (its hooks)."""
+        no per-sample GSNR probe (it feeds the method logits), no ``torch.compile`` (its hooks); on
+        detection, only one that reads a detector's feature pyramid."""
         method = self.method.name
         if not method_features(method):
             return
@@ -109,9 +111,11 @@ class RunConfig(_Strict):
                                     ("train.compile", self.train.compile),
                                     ("optimizer.stream_momentum: auto",
                                      getattr(self.optimizer, "stream_momentum", None) == "auto")) if on]
-        if self.detection or used:
-            what = "detection" if self.detection else used[0]
-            raise ValueError(f"{what} does not work with feature method {method!r} (it reads the models' "
+        if self.detection and not method_reads_detectors(method):
+            raise ValueError(f"detection does not work with feature method {method!r} (it reads a classifier's "
+                             "stages): choose a logit method or reviewkd (a detector's FPN, fpn: true)")
+        if used:
+            raise ValueError(f"{used[0]} does not work with feature method {method!r} (it reads the models' "
                              "intermediate features): turn it off or choose a logit method")
 
     @property

@@ -14,6 +14,12 @@ over ``l_k`` in 4, 2, 1 (``k`` counting only the sizes smaller than the map's he
 pooling), summed over the levels. The loss is ``ce_weight CE + reviewkd_weight min(epoch / warmup_epochs,
 1) sum HCL``, epochs counting from 1.
 
+``fpn: true`` distils a detector's feature pyramid, as the ReviewKD detection code (which DKD's
+detection code reuses) does: every FPN level of the student (``Features.stages``, shallowest first) is
+paired with the teacher's level of the same index (no stem skipped, no pooled level, the FPN outputs
+as they are: nothing follows them to be pre-activated), each ABF output resized to its teacher level's
+size of that batch (images vary in size), and HCL's pools apply as on any map.
+
 NOTE(paper): the halving HCL weights normalized by their sum, the teacher's pre-activation features,
 the ``min(epoch / warmup_epochs, 1)`` warm-up and the kaiming-uniform (``a=1``) init of the two ABF
 convs are the reference code's (mdistiller's, after the authors' release), which we follow.
@@ -80,11 +86,31 @@ def _levels(info: FeatureInfo, role: str, preact: bool) -> Tuple[List[int], List
     """Channels and sizes of a model's levels: every stage, then the pooled vector as a 1x1 map."""
     if info.pooled is None:
         raise ConfigError(f"reviewkd needs the {role}'s pooled feature (the classifier's input), which this "
-                          "model does not expose")
+                          "model does not expose (a detector's feature pyramid: set reviewkd's fpn: true)")
     if preact and not info.preact:
         raise ConfigError(f"reviewkd reads the {role}'s pre-activation features, which this model does not expose: "
                           + ("use a teacher that has them" if role == "teacher" else "set stu_preact: false"))
     return [*info.channels, info.pooled], [tuple(s) for s in info.sizes] + [(1, 1)]
+
+
+def _matched(student: FeatureInfo, teacher: FeatureInfo, stu_preact: bool, fpn: bool
+             ) -> Tuple[List[int], List[Size], List[int], List[Size]]:
+    """``(student channels, sizes, teacher channels, sizes)`` of the paired levels, shallowest first."""
+    if fpn:
+        if stu_preact:
+            raise ConfigError("reviewkd with fpn: true reads the pyramid's levels as they are: set stu_preact: false")
+        if len(student.channels) != len(teacher.channels):
+            raise ConfigError(f"reviewkd with fpn: true pairs the pyramids level by level, but the student has "
+                              f"{len(student.channels)} levels and the teacher {len(teacher.channels)}")
+        return (list(student.channels), [tuple(s) for s in student.sizes], list(teacher.channels),
+                [tuple(s) for s in teacher.sizes])
+    t_channels, t_sizes = _levels(teacher, "teacher", preact=True)
+    t_channels, t_sizes = t_channels[1:], t_sizes[1:]  # the teacher's stem is not matched
+    s_channels, s_sizes = _levels(student, "student", preact=stu_preact)
+    if len(s_channels) < len(t_channels):
+        raise ConfigError(f"reviewkd matches the teacher's {len(t_channels)} levels (stages after the stem, then "
+                          f"the pooled vector) but the student has only {len(s_channels)} (stem included)")
+    return s_channels[-len(t_channels):], s_sizes[-len(t_channels):], t_channels, t_sizes
 
 
 def _sides(sizes: Sequence[Size]) -> list:
@@ -99,7 +125,8 @@ def _override(name: str, given: Optional[Sequence[int]], derived: list, what: st
     return derived
 
 
-@register_method("reviewkd", paper="Chen et al., Distilling Knowledge via Knowledge Review, CVPR 2021")
+@register_method("reviewkd", paper="Chen et al., Distilling Knowledge via Knowledge Review, CVPR 2021",
+                 detection=True)  # reads a detector's feature pyramid (fpn: true)
 class ReviewKD(Method):
     """``ce_weight CE + reviewkd_weight min(epoch / warmup_epochs, 1) sum_l HCL(ABF_l(f_s), f_t[l])``;
     terms ``ce`` (task) and ``reviewkd`` (target: a feature term has no target/non-target split).
@@ -109,7 +136,8 @@ class ReviewKD(Method):
     pooled vector. ``in_channels``/``out_channels`` (shallowest level first) and ``shapes``/``out_shapes``
     (deepest first: the pooled ``1`` first) are mdistiller's lists; ``None`` takes them from the models, a
     list given must equal them. Defaults: mdistiller's CIFAR-100 (weights 1 and 5, warm-up 20 epochs,
-    mid channels at most 512).
+    mid channels at most 512). ``fpn``: a detector's pyramid levels, paired one to one (module docstring);
+    the sizes are then those of the models' dry run, each batch's own in training.
     """
 
     features = True
@@ -118,22 +146,16 @@ class ReviewKD(Method):
                  reviewkd_weight: float = 5.0, warmup_epochs: float = 20.0, max_mid_channel: int = 512,
                  stu_preact: bool = False, in_channels: Optional[List[int]] = None,
                  out_channels: Optional[List[int]] = None, shapes: Optional[List[int]] = None,
-                 out_shapes: Optional[List[int]] = None):
+                 out_shapes: Optional[List[int]] = None, fpn: bool = False):
         super().__init__()
         self.ce_weight, self.reviewkd_weight, self.warmup_epochs = ce_weight, reviewkd_weight, warmup_epochs
-        self.stu_preact = stu_preact
-        t_channels, t_sizes = _levels(teacher_info, "teacher", preact=True)
-        t_channels, t_sizes = t_channels[1:], t_sizes[1:]  # the teacher's stem is not matched
-        s_channels, s_sizes = _levels(student_info, "student", preact=stu_preact)
-        if len(s_channels) < len(t_channels):
-            raise ConfigError(f"reviewkd matches the teacher's {len(t_channels)} levels (stages after the stem, then "
-                              f"the pooled vector) but the student has only {len(s_channels)} (stem included)")
-        s_channels, s_sizes = s_channels[-len(t_channels):], s_sizes[-len(t_channels):]
+        self.stu_preact, self.fpn = stu_preact, fpn
+        s_channels, s_sizes, t_channels, t_sizes = _matched(student_info, teacher_info, stu_preact, fpn)
         self.in_channels = _override("in_channels", in_channels, s_channels, "student's level channels")
         self.out_channels = _override("out_channels", out_channels, t_channels, "teacher's level channels")
         self.shapes = _override("shapes", shapes, _sides(s_sizes[::-1]), "student's level sizes")
         self.out_shapes = _override("out_shapes", out_shapes, _sides(t_sizes[::-1]), "teacher's level sizes")
-        self.out_sizes = t_sizes[::-1]  # deepest (the pooled 1x1) first, as the ABFs run
+        self.out_sizes = t_sizes[::-1]  # deepest (the pooled 1x1) first, as the ABFs run (fpn: each batch's)
         # NOTE: mdistiller reads no MAX_MID_CHANNEL and caps at 512 itself: equal at the default only
         mid = min(max_mid_channel, s_channels[-1])
         last = len(s_channels) - 1
@@ -141,14 +163,25 @@ class ReviewKD(Method):
         self.abfs = nn.ModuleList(built[::-1])  # built shallowest first (mdistiller's init order), run deepest first
 
     def student_levels(self, student: Features) -> List[torch.Tensor]:
-        """The student's levels the ABFs read, shallowest first (stages or pre-activations, then pooled)."""
+        """The student's levels the ABFs read, shallowest first (stages or pre-activations, then pooled;
+        ``fpn``: the pyramid's levels)."""
+        if self.fpn:
+            return list(student.stages)
         stages = student.preact if self.stu_preact else student.stages
         return [*stages, student.pooled[:, :, None, None]][-len(self.abfs):]
 
-    def fuse(self, levels: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """The ABF outputs for the teacher's levels, shallowest first, from the student's ``levels``."""
+    def teacher_levels(self, teacher: Features) -> List[torch.Tensor]:
+        """The teacher's levels the outputs are matched to, shallowest first (pre-activations after the
+        stem, then pooled; ``fpn``: the pyramid's levels)."""
+        if self.fpn:
+            return list(teacher.stages)
+        return [*teacher.preact[1:], teacher.pooled[:, :, None, None]]
+
+    def fuse(self, levels: Sequence[torch.Tensor], out_sizes: Optional[Sequence[Size]] = None) -> List[torch.Tensor]:
+        """The ABF outputs for the teacher's levels, shallowest first, from the student's ``levels``;
+        ``out_sizes``: the teacher's level sizes, deepest first (default: the models' dry run)."""
         outputs, residual = [], None
-        for abf, x, out_size in zip(self.abfs, reversed(levels), self.out_sizes):
+        for abf, x, out_size in zip(self.abfs, reversed(levels), out_sizes or self.out_sizes):
             out, residual = abf(x, residual, out_size)
             outputs.insert(0, out)
         return outputs
@@ -156,7 +189,8 @@ class ReviewKD(Method):
     def forward(self, student: Features, teacher: Optional[Features], target: torch.Tensor, *,
                 epoch: int) -> Dict[str, LossTerm]:
         ce = F.cross_entropy(student.logits, target)
-        teacher_levels = [*teacher.preact[1:], teacher.pooled[:, :, None, None]]
-        loss = hcl(self.fuse(self.student_levels(student)), teacher_levels)
+        targets = self.teacher_levels(teacher)
+        sizes = [tuple(t.shape[2:]) for t in reversed(targets)] if self.fpn else None
+        loss = hcl(self.fuse(self.student_levels(student), sizes), targets)
         weight = self.reviewkd_weight * warmup_factor(epoch, self.warmup_epochs)
         return {"ce": LossTerm(self.ce_weight * ce, "task"), "reviewkd": LossTerm(weight * loss, "target")}
