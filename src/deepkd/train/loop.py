@@ -146,9 +146,8 @@ def setup_run(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> Run:
 
 def _batch_extras(run: Run, loader, epoch: int, index: int):
     """``(teacher logits from the cache, sample indices)`` of batch ``index``, each None when not used."""
-    views = loader.batch_views(epoch, index) if run.cache is not None or run.method.needs_index else None
-    cached = run.cache.lookup(*views) if run.cache is not None else None
-    return cached, views[0] if run.method.needs_index else None
+    cached = run.cache.lookup(*loader.batch_views(epoch, index)) if run.cache is not None else None
+    return cached, loader.batch_indices(epoch, index) if run.method.needs_index else None
 
 
 def _record_gsnr(run: Run, images: torch.Tensor, targets: torch.Tensor, epoch: int, step: int) -> None:
