@@ -85,7 +85,8 @@ def feature_run(tmp_path, teacher_weights, method, **changes):
 
 def assert_trains_and_resumes(tmp_path, teacher_weights, method, **changes):
     """Two epochs of :func:`feature_run` straight through, and stopped at step 7 then resumed, end with the
-    same student, the same method state and the same top-1; the exported student holds only the student.
+    same student, the same method state (and the same teacher BatchNorm statistics, where a training-mode
+    teacher checkpoints them) and the same top-1; the exported student holds only the student.
     Returns the method's checkpointed state (its connectors, memory)."""
     from safetensors.torch import load_file
 
@@ -98,7 +99,8 @@ def assert_trains_and_resumes(tmp_path, teacher_weights, method, **changes):
     resumed = train(cfg, resume=True)
     assert resumed["status"] == whole["status"] == "finished"
     a, b = torch.load(f"{whole['run_dir']}/last.pt"), torch.load(f"{resumed['run_dir']}/last.pt")
-    for part in ("model", "method"):
+    assert ("teacher_buffers" in a) == ("teacher_buffers" in b)
+    for part in ("model", "method", "teacher_buffers")[:3 if "teacher_buffers" in a else 2]:
         assert set(a[part]) == set(b[part])
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), (part, key)

@@ -78,3 +78,16 @@ def test_deepkd_dkd_plus_fitnet_puts_the_feature_term_on_the_target_stream(tmp_p
     student, teacher, _ = forward_pair(*run.extractors, images)
     streams = {name: term.stream for name, term in run.method(student, teacher, target, epoch=1).items()}
     assert streams == {"ce": "task", "tckd": "target", "nckd": "non_target", "fitnet": "target"}
+
+
+def test_a_training_mode_teacher_is_shared_only_with_parts_that_want_it():
+    """One teacher forward serves every part: OFD's training-mode teacher (mdistiller's) beside KD's
+    eval-mode one is refused by name; with ``ofd.teacher_mode: eval`` they combine."""
+    from deepkd.errors import ConfigError
+
+    *_, infos = _features()
+    infos["teacher_model"] = create_model("resnet32x4", num_classes=10).eval()
+    with pytest.raises(ConfigError, match=r"but ofd runs it in training mode .* set method.ofd.teacher_mode: eval"):
+        build_method("kd+ofd", **infos)
+    assert build_method("kd+ofd", ofd={"teacher_mode": "eval"}, **infos).teacher_mode == "eval"
+    assert build_method("ofd+ce", **infos).teacher_mode == "train"  # ce has no teacher to disagree about

@@ -184,3 +184,26 @@ def test_a_too_large_nce_k_for_the_synthetic_set_is_refused(tmp_path, teacher_we
 
     with pytest.raises(ConfigError, match="lower method.nce_k"):
         train(feature_run(tmp_path, teacher_weights, {"name": "crd", "nce_k": 16384}))
+
+
+def test_crd_on_a_streaming_image_folder_trains_and_resumes_bit_exactly(tmp_path, colour_run):
+    """ImageNet's path: the image folder streamed through DataLoader workers' loader (in_memory: off), 24
+    images in batches of 4, so the stop at step 7 resumes epoch 2 at its batch 1."""
+    data = {"dataset": "imagefolder", "root": str(colour_run.parents[2] / "data"), "image_size": 32,
+            "crop": "pad_crop", "batch_size": 4, "eval_batch_size": 33, "num_workers": 0, "in_memory": "off"}
+    method = assert_trains_and_resumes(tmp_path, str(colour_run / "best.pt"), {"name": "crd", "nce_k": 12},
+                                       data=data)
+    assert method["memory_s"].shape == (24, 128) and (method["z"] > 0).all()
+    torch.testing.assert_close(method["memory_t"].norm(dim=1), torch.ones(24))  # every sample's row was written
+
+
+def test_a_loader_without_sample_indices_is_refused_by_name(tmp_path):
+    from types import SimpleNamespace
+
+    from deepkd.train.build import build_method as build_from_config
+    from tests.conftest import feature_run
+
+    cfg = feature_run(tmp_path, "teacher.pt", {"name": "crd"}).method
+    with pytest.raises(ConfigError, match=r"method 'crd' needs each training sample's index, which this dataset's "
+                                          r"training loader \(list\) does not give"):
+        build_from_config(cfg, data=SimpleNamespace(train=[]))

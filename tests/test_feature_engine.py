@@ -36,7 +36,7 @@ def test_fitnet_equals_the_reference_formula_in_float64():
     ours = torch.autograd.grad(terms["fitnet"].value, [fs.stages[2], conv.weight], retain_graph=True)
     theirs = torch.autograd.grad(reference, [fs.stages[2], conv.weight])
     for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)  # float64 summation order; the issue asks 1e-6
     assert terms["fitnet"].stream == "target" and terms["ce"].stream == "task"
     torch.testing.assert_close(terms["ce"].value, F.cross_entropy(fs.logits, target))
 

@@ -218,3 +218,51 @@ def test_resize_with_pad_crop_is_refused_and_never_taken_from_timm():
     timm = {"dataset": "imagefolder", "root": "x", "crop": "pad_crop"}
     options = build.folder_options(validate_config({"data": timm, "student": {"name": "timm/deit_tiny_patch16_224"}}))
     assert (options.image_size, options.resize, options.crop) == (224, None, "pad_crop")  # no crop_pct resize
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_batch_indices_name_the_samples_of_each_streamed_batch_from_any_start(tmp_path, jpeg_tree, world_size):
+    jpeg_tree(tmp_path, per_class=5)  # 15 images: batches of 4 (2 per rank), the last one short
+    samples, _ = folders.scan(tmp_path / "train")
+    fixed = folders.build_transform(train=False, image_size=32, resize=32)  # no randomness: pixels name a sample
+    pictures = torch.stack([fixed(folders.decode(path)) for path, _ in samples])
+    every = []
+    for rank in range(world_size):
+        loader = folders.ImageFolderLoader(samples, fixed, batch_size=4, train=True, seed=5, num_workers=0,
+                                           rank=rank, world_size=world_size)
+        assert torch.equal(loader.labels, torch.tensor([label for _, label in samples]))
+        for start in (0, 2):
+            for index, (images, labels) in enumerate(loader.iter_epoch(3, start_batch=start), start=start):
+                other = loader.batch_indices(4, index)  # another epoch's order asked for between two batches
+                chosen = loader.batch_indices(3, index)
+                assert torch.equal(images, pictures[chosen]) and torch.equal(labels, loader.labels[chosen])
+                assert len(other) == len(chosen) and not (start == 0 and index == 0 and torch.equal(other, chosen))
+                every += chosen.tolist() if start == 0 else []
+    assert sorted(set(every)) == list(range(15)) and len(every) == (15 if world_size == 1 else 16)  # ranks pad
+
+
+@pytest.mark.parametrize("crops", ["pad_crop", "random_resized"])
+def test_batch_indices_of_the_in_memory_loaders_are_their_batches_samples(crops):
+    from deepkd.data import DeviceLoader
+    from deepkd.data.device_crops import RandomResizedCropLoader
+
+    images, ids = torch.randint(0, 256, (23, 3, 12, 12), dtype=torch.uint8), torch.arange(23)  # label = sample
+    for rank in range(2):
+        options = dict(batch_size=6, mean=(0.5,) * 3, std=(0.25,) * 3, seed=2, rank=rank, world_size=2)
+        loader = (DeviceLoader(images, ids, train=True, **options) if crops == "pad_crop" else
+                  RandomResizedCropLoader(images, ids, size=8, **options))
+        for index, (_, labels) in enumerate(loader.iter_epoch(1, start_batch=1), start=1):
+            assert torch.equal(loader.batch_indices(1, index), labels)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_streaming_an_epoch_leaves_the_global_rng_alone(tmp_path, jpeg_tree, num_workers):
+    """A resumed epoch starts a new DataLoader iterator mid-run: drawing its seed from the global RNG would
+    shift every later global draw (CRD's negatives, dropout) against the run that went straight through."""
+    jpeg_tree(tmp_path)
+    data = build_data("imagefolder", root=str(tmp_path), batch_size=4, num_workers=num_workers,
+                      folder=FolderOptions(image_size=32, in_memory="off"))
+    state = torch.get_rng_state()
+    for loader in (data.train, data.test):
+        assert len(list(loader.iter_epoch(1, start_batch=1))) == len(loader) - 1
+    assert torch.equal(torch.get_rng_state(), state)

@@ -171,10 +171,56 @@ def teacher_weights(tmp_path_factory):
     return trained_teacher(tmp_path_factory.mktemp("teacher"))
 
 
+def test_teacher_mode_is_train_by_default_and_checked():
+    s_info, t_info, t = _infos("resnet8x4", "resnet32x4")
+    assert build_method("ofd", student_info=s_info, teacher_info=t_info, teacher_model=t).teacher_mode == "train"
+    chosen = build_method("ofd", student_info=s_info, teacher_info=t_info, teacher_model=t, teacher_mode="eval")
+    assert chosen.teacher_mode == "eval"
+    with pytest.raises(ConfigError, match="ofd teacher_mode 'training' is not one of eval, train"):
+        build_method("ofd", student_info=s_info, teacher_info=t_info, teacher_model=t, teacher_mode="training")
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_the_teacher_runs_in_the_methods_mode_for_the_training_forward_only(mode):
+    """mdistiller's OFD.train leaves the teacher in training mode: batch statistics, running ones moving;
+    after the forward the teacher is back in eval mode (its evaluation, the teacher-accuracy check)."""
+    import copy
+
+    from deepkd.train.forward import forward_pair
+
+    torch.manual_seed(0)
+    student, teacher = create_model("resnet8x4", num_classes=10), create_model("resnet8x4", num_classes=10).eval()
+    images = torch.randn(4, 3, 32, 32) * 2 + 1  # far from the fresh running statistics (0, 1)
+    reference = copy.deepcopy(teacher).train(mode == "train")
+    with torch.no_grad():
+        expected = FeatureExtractor(reference)(images)
+    before = copy.deepcopy(teacher.state_dict())
+    _, out, _ = forward_pair(FeatureExtractor(student), FeatureExtractor(teacher), images, teacher_mode=mode)
+    assert not teacher.training and all(not m.training for m in teacher.modules())
+    for ours, theirs in zip(out.preact, expected.preact):
+        assert torch.equal(ours, theirs) and not ours.requires_grad
+    after = teacher.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in reference.state_dict().items())
+    assert any(not torch.equal(after[k], v) for k, v in before.items()) == (mode == "train")
+
+
 def test_ofd_trains_and_resumes_bit_exactly(tmp_path, teacher_weights):
+    """The default, a training-mode teacher: its BatchNorm statistics move once per training step (not in
+    evaluations) and are checkpointed, so a resumed run ends with the same ones."""
     method = assert_trains_and_resumes(tmp_path, teacher_weights, {"name": "ofd"})
     assert set(method) >= {"connectors.2.0.weight", "connectors.0.1.running_mean", "margin0", "margin2"}
     teacher = torch.load(teacher_weights)["model"]  # cnn_w4: stage k's BatchNorm is stages.k.1
     for i in range(3):
         expected = gaussian_margin(teacher[f"stages.{i + 1}.1.weight"], teacher[f"stages.{i + 1}.1.bias"])
         assert torch.equal(method[f"margin{i}"], expected)
+    teacher_state = torch.load(teacher_weights)["model"]
+    moved = torch.load(tmp_path / "a" / "runs" / "tiny" / "seed3" / "last.pt")["teacher_buffers"]
+    assert set(moved) == {k for k in teacher_state if "running" in k or "num_batches" in k}
+    steps = 2 * 160 // 32  # two epochs of the tiny synthetic run
+    assert int(moved["stages.1.1.num_batches_tracked"]) == int(teacher_state["stages.1.1.num_batches_tracked"]) + steps
+    assert not torch.equal(moved["stages.1.1.running_mean"], teacher_state["stages.1.1.running_mean"])
+
+
+def test_ofd_with_an_eval_mode_teacher_trains_and_resumes_bit_exactly(tmp_path, teacher_weights):
+    assert_trains_and_resumes(tmp_path, teacher_weights, {"name": "ofd", "teacher_mode": "eval"})
+    assert "teacher_buffers" not in torch.load(tmp_path / "a" / "runs" / "tiny" / "seed3" / "last.pt")

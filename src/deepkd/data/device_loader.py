@@ -182,6 +182,10 @@ class DeviceLoader:
         chosen, *draws = self._batch(epoch, index, STRONG)
         return apply(self._view(chosen, *draws), self.strong_params(epoch, index, len(self._chosen(epoch, index))))
 
+    def batch_indices(self, epoch: int, index: int) -> torch.Tensor:
+        """This rank's sample indices (int64 ``[b]`` on the device, positions in the set) of batch ``index``."""
+        return self._shard(self._chosen(epoch, index).to(self.device))
+
     def batch_views(self, epoch: int, index: int) -> Tuple[torch.Tensor, ...]:
         """This rank's sample indices and view parameters ``(indices, dy, dx, flips)`` of a batch."""
         if self.rotation:

@@ -166,7 +166,9 @@ class _EpochBatches:
 
 
 class ImageFolderLoader:
-    """``iter_epoch(epoch, start_batch)`` over a folder; ``batch_size`` is global, split across ranks."""
+    """``iter_epoch(epoch, start_batch)`` over a folder; ``batch_size`` is global, split across ranks.
+    ``labels`` (int64 ``[N]``, by sample index) and :meth:`batch_indices` give a method that needs them
+    (CRD's memory bank) each training sample's label and each batch's sample indices."""
 
     def __init__(self, samples, transform, *, batch_size: int, train: bool, seed: int = 0, num_workers: int = 2,
                  drop_last: bool = False, rank: int = 0, world_size: int = 1):
@@ -174,9 +176,14 @@ class ImageFolderLoader:
         self.batch_size, self.train, self.seed, self.num_workers = batch_size, train, seed, num_workers
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.local_batch = max(1, batch_size // world_size)
+        self.labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+        self._order = (None, torch.empty(0, dtype=torch.int64))  # (epoch, this rank's order of that epoch)
         self._batches = _EpochBatches()
+        # a generator of its own: each epoch's iterator draws its (unused) worker base seed from it, not from
+        # the global RNG, whose draws (CRD's negatives, dropout) must not depend on where a run resumed
         self._loader = DataLoader(self.dataset, batch_sampler=self._batches, num_workers=num_workers,
-                                  persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+                                  persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+                                  generator=torch.Generator().manual_seed(seed))
 
     @property
     def num_samples(self) -> int:
@@ -198,6 +205,13 @@ class ImageFolderLoader:
         count = len(self._indices(1)) if self.world_size > 1 else len(self.dataset)
         full, rest = divmod(count, self.local_batch)
         return full + (1 if rest and not self.drop_last else 0)
+
+    def batch_indices(self, epoch: int, index: int) -> torch.Tensor:
+        """This rank's sample indices (CPU int64 ``[b]``, positions in the split) of batch ``index`` of
+        ``epoch``: those of the images :meth:`iter_epoch` yields as that batch, whatever its ``start_batch``."""
+        if self._order[0] != epoch:  # one permutation per epoch, not per batch (ImageNet: 1.28M samples)
+            self._order = (epoch, torch.tensor(self._indices(epoch), dtype=torch.int64))
+        return self._order[1][index * self.local_batch:(index + 1) * self.local_batch]
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """This rank's batches ``start_batch ..`` of ``epoch``: CPU (float32 ``[b, 3, S, S]``, int64 ``[b]``)."""

@@ -15,6 +15,7 @@ from torch import nn
 from deepkd.losses.topk import DynamicTopK
 
 STREAMS = ("task", "target", "non_target")
+TEACHER_MODES = ("eval", "train")  # Method.teacher_mode
 # keyword arguments a feature method's builder may declare; the trainer fills them, a recipe may not
 PROVIDED = ("student_info", "teacher_info", "num_samples", "train_labels", "student_model", "teacher_model")
 
@@ -61,17 +62,23 @@ class Method(nn.Module):
     and may own trainable modules (connectors, embeddings): the trainer optimizes them with the
     student and checkpoints them, and never exports them. Its builder may declare the keyword
     arguments of :data:`PROVIDED`: the trainer passes the student's and teacher's
-    :class:`~deepkd.features.FeatureInfo`, the training set's size and labels (``[N]``, by index;
-    device-resident loaders only) and the two models themselves
+    :class:`~deepkd.features.FeatureInfo`, the training set's size and labels (``[N]``, by index)
+    and the two models themselves
     (to read a value at build time, such as OFD's teacher BatchNorm margins: a method must not keep
     them as submodules, or they would be trained and checkpointed with it). With ``needs_index``
     it also gets ``index=`` (each sample's position in the training set; CRD's memory bank).
+
+    ``teacher_mode`` (one of :data:`TEACHER_MODES`) is the mode the teacher runs in for the training
+    forward: ``"eval"`` (running BatchNorm statistics), or ``"train"`` (batch statistics, the running
+    ones drifting as in training: mdistiller's OFD); the teacher never gets a gradient, and is in eval
+    mode everywhere else (its test accuracy, the teacher-logit cache).
     """
 
     needs_teacher: bool = True
     views: int = 1
     features: bool = False
     needs_index: bool = False
+    teacher_mode: str = "eval"
 
     def forward(  # pragma: no cover - abstract
         self,

@@ -16,6 +16,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from deepkd.errors import ConfigError
 from deepkd.losses.base import LossTerm, Method
 
 
@@ -33,6 +34,13 @@ class Combined(Method):
         self.features = any(part.features for part in parts.values())
         self.needs_teacher = any(part.needs_teacher for part in parts.values())
         self.needs_index = any(part.needs_index for part in parts.values())
+        modes = {name: part.teacher_mode for name, part in parts.items() if part.needs_teacher}
+        training = [name for name, mode in modes.items() if mode == "train"]
+        if training and len(training) < len(modes):  # one teacher forward serves every part
+            raise ConfigError(f"methods {' + '.join(parts)} share one teacher forward, but {', '.join(training)} "
+                              "runs it in training mode and the others in eval mode: set "
+                              f"method.{training[0]}.teacher_mode: eval")
+        self.teacher_mode = "train" if training else "eval"
 
     def forward(self, student, teacher, target: torch.Tensor, *, epoch: int,
                 index: Optional[torch.Tensor] = None) -> Dict[str, LossTerm]:

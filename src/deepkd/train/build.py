@@ -118,9 +118,9 @@ def build_method(cfg: MethodConfig, *, student: Optional[nn.Module] = None, teac
     if not method_features(cfg.name):
         return _build_method(cfg.name, **cfg.arguments())
     wanted = inspect.signature(method_builder(cfg.name)).parameters
-    if getattr(method_builder(cfg.name), "needs_index", False) and not hasattr(data.train, "batch_views"):
-        raise ConfigError(f"method {cfg.name!r} needs each sample's index, which only the device-resident loader "
-                          "gives (cifar10, cifar100, fashion_mnist, synthetic, an in-memory image folder)")
+    if getattr(method_builder(cfg.name), "needs_index", False) and not hasattr(data.train, "batch_indices"):
+        raise ConfigError(f"method {cfg.name!r} needs each training sample's index, which this dataset's training "
+                          f"loader ({type(data.train).__name__}) does not give (it has no batch_indices)")
     provided = {}
     if {"student_info", "teacher_info"} & set(wanted):
         shape = tuple(next(iter(data.test.iter_epoch(0)))[0].shape[1:])

@@ -44,19 +44,38 @@ def as_float(features: Features) -> Features:
                     None if features.pooled is None else features.pooled.float())
 
 
+@contextlib.contextmanager
+def in_mode(model: Union[nn.Module, FeatureExtractor, None], mode: str):
+    """``model`` (a module, or a FeatureExtractor's) in ``mode`` (``"eval"`` or ``"train"``) inside the
+    block, back in the mode it had after it: a training-mode teacher moves its BatchNorm running
+    statistics in the training forward only, never in an evaluation or a probe."""
+    module = model.model if isinstance(model, FeatureExtractor) else model
+    if module is None:
+        yield
+        return
+    was = module.training
+    module.train(mode == "train")
+    try:
+        yield
+    finally:
+        module.train(was)
+
+
 def forward_pair(student: Union[nn.Module, FeatureExtractor], teacher: Union[nn.Module, FeatureExtractor, None],
-                 images: torch.Tensor, *, concat: bool = False,
-                 teacher_logits: Optional[torch.Tensor] = None) -> Tuple[Outputs, Optional[Outputs], torch.Tensor]:
+                 images: torch.Tensor, *, concat: bool = False, teacher_logits: Optional[torch.Tensor] = None,
+                 teacher_mode: str = "eval") -> Tuple[Outputs, Optional[Outputs], torch.Tensor]:
     """``(student outputs, teacher outputs, student logits)`` for the method: Features when ``student``
     is a FeatureExtractor, else logits (``teacher_logits``, from the teacher-logit cache, replace the
-    teacher's forward). The teacher runs without gradient; the student's logits keep theirs."""
+    teacher's forward). The teacher runs without gradient, in ``teacher_mode`` (the method's
+    ``teacher_mode``: ``"train"`` uses BatchNorm batch statistics); the student's logits keep theirs."""
     if isinstance(student, FeatureExtractor):
         out = student(images)
-        with torch.no_grad():
+        with torch.no_grad(), in_mode(teacher, teacher_mode):
             teacher_out = as_float(teacher(images)) if teacher is not None else None
         return as_float(out), teacher_out, out.logits
     logits = forward_views(student, images, concat)
     if teacher_logits is None and teacher is not None:
-        with torch.no_grad():  # eval mode: both views in one forward give each view's own logits
-            teacher_logits = forward_views(teacher, images, concat=True).float()
+        # eval mode: both views in one forward give each view's own logits; train mode: as the student's views
+        with torch.no_grad(), in_mode(teacher, teacher_mode):
+            teacher_logits = forward_views(teacher, images, concat=concat or teacher_mode == "eval").float()
     return logits.float(), teacher_logits, logits

@@ -64,7 +64,7 @@ def train_step(run: Run, images: torch.Tensor, targets: torch.Tensor, epoch: int
     ``index`` (the samples' positions in the training set) goes to a method that ``needs_index``."""
     with autocast(run.device, run.cfg.train.precision):
         student, teacher, logits = forward_pair(*(run.extractors or (run.forward, run.teacher)), images,
-                                                teacher_logits=teacher_logits,
+                                                teacher_logits=teacher_logits, teacher_mode=run.method.teacher_mode,
                                                 concat=run.cfg.train.student_views == "concat")
     extra = {"index": index} if run.method.needs_index else {}
     terms = run.method(student, teacher, targets, epoch=epoch, **extra)  # logits, or a feature method's Features
@@ -146,9 +146,8 @@ def setup_run(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> Run:
 
 def _batch_extras(run: Run, loader, epoch: int, index: int):
     """``(teacher logits from the cache, sample indices)`` of batch ``index``, each None when not used."""
-    views = loader.batch_views(epoch, index) if run.cache is not None or run.method.needs_index else None
-    cached = run.cache.lookup(*views) if run.cache is not None else None
-    return cached, views[0] if run.method.needs_index else None
+    cached = run.cache.lookup(*loader.batch_views(epoch, index)) if run.cache is not None else None
+    return cached, loader.batch_indices(epoch, index) if run.method.needs_index else None
 
 
 def _record_gsnr(run: Run, images: torch.Tensor, targets: torch.Tensor, epoch: int, step: int) -> None:
@@ -173,6 +172,12 @@ def _teacher_accuracy(run: Run) -> Optional[float]:
         os.replace(tmp, cached)
     run.progress.line(f"teacher {run.cfg.teacher.name}: test top-1 {top1:.2f}")
     return top1
+
+
+def _buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The checkpointed buffers of ``model`` (BatchNorm running statistics and counts), not its parameters."""
+    parameters = dict(model.named_parameters())
+    return {name: value for name, value in model.state_dict().items() if name not in parameters}
 
 
 class ClassificationTask(Task):
@@ -238,6 +243,8 @@ class ClassificationTask(Task):
                  "method": run.method.state_dict()}  # a feature method's connectors and memory (else empty)
         if run.auto_momentum is not None:
             state["auto_momentum"] = run.auto_momentum.state_dict()
+        if run.teacher is not None and run.method.teacher_mode == "train":  # its BatchNorm running statistics move
+            state["teacher_buffers"] = _buffers(run.teacher)
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -247,6 +254,8 @@ class ClassificationTask(Task):
         run.optimizer.load_state_dict(state["optimizer"])  # with the coefficients (param_groups' stream_momentum)
         if run.auto_momentum is not None:
             run.auto_momentum.load_state_dict(state["auto_momentum"])
+        if "teacher_buffers" in state:
+            run.teacher.load_state_dict({**run.teacher.state_dict(), **state["teacher_buffers"]})
 
     def summary(self, records: List[Dict[str, Any]], best: float, begun: Dict[str, Any]) -> Dict[str, Any]:
         cfg = self.run.cfg

@@ -28,8 +28,12 @@ cnn_w*                 the BN of each stage (its output is the ReLU's input)
 
 ShuffleV2 exposes no pre-activations; any other teacher is refused in one sentence.
 
-NOTE: mdistiller's ``OFD.train`` (like the authors' code) puts the teacher in training mode, so there its
-features use BatchNorm batch statistics; deepkd's trainer runs every teacher in eval mode (running statistics).
+The teacher runs in training mode by default (``teacher_mode: train``), as mdistiller's ``OFD.train``
+(and the authors' code) leaves it: its features use the batch's BatchNorm statistics, and its running
+statistics drift with every training batch (they are checkpointed with the run, so a resume is
+exact; the margins come from gamma and beta, which do not move). ``teacher_mode: eval`` runs it on its
+running statistics, as every other deepkd method does. Either way the teacher gets no gradient, and it
+is evaluated in eval mode.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ from torch import nn
 
 from deepkd.errors import ConfigError
 from deepkd.features import FeatureInfo, Features
-from deepkd.losses.base import LossTerm, Method
+from deepkd.losses.base import TEACHER_MODES, LossTerm, Method
 from deepkd.losses.registry import register_method
 
 # NOTE(paper): mdistiller (and the authors' code) replace the margin by -3|gamma| where P(x < 0) <= 0.001,
@@ -172,17 +176,19 @@ class OFD(Method):
     """``ce_weight CE + feat_weight sum_i partial_l2(r_i(s_i), pool(t_i), m_i) / 2^(n-1-i)`` over the
     pre-ReLU features after the stem (the module docstring); terms ``ce`` (task) and ``ofd`` (target: a
     feature term has no target/non-target split, so it rides the stream of KD's undecomposed term).
-    Defaults: mdistiller's CIFAR-100 (weights 1 and 0.001, 1x1 connectors). The margins are read from
-    ``teacher_model``'s BatchNorms at build time; the teacher itself is not kept."""
+    Defaults: mdistiller's CIFAR-100 (weights 1 and 0.001, 1x1 connectors, the teacher in training mode).
+    The margins are read from ``teacher_model``'s BatchNorms at build time; the teacher itself is not kept."""
 
     features = True
 
     def __init__(self, *, student_info: FeatureInfo, teacher_info: Optional[FeatureInfo] = None,
                  teacher_model: Optional[nn.Module] = None, ce_weight: float = 1.0, feat_weight: float = 0.001,
-                 kernel_size: int = 1):
+                 kernel_size: int = 1, teacher_mode: str = "train"):
         super().__init__()
         _check_models(student_info, teacher_info, teacher_model, kernel_size)
-        self.ce_weight, self.feat_weight = ce_weight, feat_weight
+        if teacher_mode not in TEACHER_MODES:
+            raise ConfigError(f"ofd teacher_mode {teacher_mode!r} is not one of {', '.join(TEACHER_MODES)}")
+        self.ce_weight, self.feat_weight, self.teacher_mode = ce_weight, feat_weight, teacher_mode
         bns = bn_before_relu(teacher_model)
         t_channels = list(teacher_info.channels[1:])
         if [bn.num_features for bn in bns] != t_channels:
