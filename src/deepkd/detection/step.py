@@ -44,7 +44,7 @@ def detection_terms(outputs: RoIOutputs, teacher_logits: Optional[torch.Tensor],
     (``teacher_logits`` and ``teacher_features``, :func:`deepkd.detection.roi.teacher_forward`'s).
     """
     if method.needs_teacher and (teacher_logits is None or (method.features and teacher_features is None)):
-        raise ConfigError(f"method {type(method).__name__} needs the teacher's logits"
+        raise ConfigError(f"method {type(method).__name__} needs teacher logits"
                           f"{' and features' if method.features else ''}; pass a teacher")
     student = outputs.class_logits.float()
     teacher = None if teacher_logits is None else teacher_logits.float()
