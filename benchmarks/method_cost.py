@@ -49,7 +49,7 @@ def build(name: str, student, teacher):
 
 
 def step(method, sources, params, optimizer, images, target, index) -> None:
-    student, teacher, _ = forward_pair(*sources, images)
+    student, teacher, _ = forward_pair(*sources, images, teacher_mode=method.teacher_mode)
     extra = {"index": index} if method.needs_index else {}
     optimize(method(student, teacher, target, epoch=30, **extra), optimizer, params, Dist())
 
