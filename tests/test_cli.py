@@ -82,7 +82,10 @@ def test_list_models_and_methods(capsys):
     assert main(["list", "models", "cnn_w*"]) == 0
     assert "cnn_w8" in capsys.readouterr().out
     assert main(["list", "methods"]) == 0
-    assert "deepkd_dkd" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "deepkd_dkd" in out and "reviewkd     Chen et al." in out
+    assert all(f"\n{name} " in out for name in ("dot", "logit_stand", "a+b"))  # the settings, with papers
+    assert "ICCV 2023" in out and "CVPR 2024" in out
 
 
 def _free_port() -> int:

@@ -162,11 +162,13 @@ def cmd_list(args) -> int:
 
         print(format_model_table(args.pattern))
     elif args.what == "methods":
-        from deepkd.losses.registry import list_methods, method_info
+        from deepkd.losses.registry import SETTINGS, list_methods, method_info
 
         names = list_methods(args.pattern)
         width = max((len(n) for n in names), default=0)
         print("\n".join(f"{n:<{width}}  {method_info(n).get('paper', '')}".rstrip() for n in names))
+        if args.pattern is None:
+            print("\nsettings of the methods above:\n" + "\n".join(SETTINGS))
     else:
         from deepkd.train.recipes import list_recipes
 

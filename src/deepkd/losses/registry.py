@@ -68,6 +68,16 @@ def _combined_builder(parts: Tuple[str, ...]) -> Callable[..., Method]:
     return build
 
 
+# What is not a method of its own but a setting of one, listed under the methods by ``deepkd list methods``.
+SETTINGS = (
+    "dot          Zhao et al., DOT: A Distillation-Oriented Trainer, ICCV 2023: deepkd_kd (per_sample_weight: true) "
+    "under optimizer decoupled, task momentum m - delta, target = non-target m + delta (recipes */dot)",
+    "logit_stand  Sun et al., Logit Standardization in Knowledge Distillation, CVPR 2024: logit_stand: true "
+    "on every logit method",
+    "a+b          methods summed, each term on its own stream: method.name dkd+reviewkd, method.dkd: {...}",
+)
+
+
 def list_methods(pattern: Optional[str] = None) -> List[str]:
     """Sorted registered method names, optionally filtered by a shell pattern (``"deepkd*"``)."""
     return METHODS.names(pattern)
