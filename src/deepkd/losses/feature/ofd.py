@@ -19,7 +19,8 @@ Which BatchNorm feeds each teacher pre-activation (mdistiller's ``get_bn_before_
 
 =====================  ==========================================================================
 CIFAR ResNet, x4, 18   each stage's last block's last BN (``bn2``; ``bn3`` of a Bottleneck): its
-/50, ShuffleV1         output plus the shortcut is the pre-activation
+/50, ShuffleV1,        output plus the shortcut is the pre-activation
+torchvision ResNet
 WRN                    ``block2.layer.0.bn1``, ``block3.layer.0.bn1``, ``bn1`` (the next BN's output)
 VGG                    the last module of ``block1..4`` (a BN: its output is the pre-activation)
 MobileNetV2            ``blocks.{1,2,4,6}``: the last BN of the last inverted residual
@@ -98,6 +99,8 @@ BN_BEFORE_RELU: Dict[str, Callable[[nn.Module], List[str]]] = {
     "deepkd.models.cifar_wrn_vgg.VGG": _vgg,
     "deepkd.models.cifar_mobile.MobileNetV2": _mobilenetv2,
     "deepkd.models.tiny.TinyCNN": _tiny,
+    # torchvision's ImageNet ResNets: the same blocks (bn2 / bn3 plus the shortcut feed the last ReLU)
+    "torchvision.models.resnet.ResNet": _layer_ends,
 }
 
 
@@ -108,7 +111,7 @@ def bn_before_relu(model: nn.Module) -> List[nn.BatchNorm2d]:
     rule = BN_BEFORE_RELU.get(f"{kind.__module__}.{kind.__qualname__}")
     if rule is None:
         raise ConfigError(f"ofd needs the BatchNorm before each teacher stage's ReLU, which deepkd knows only for "
-                          f"the CIFAR ResNets, WRNs, VGGs, MobileNetV2, ShuffleV1 and cnn_w*, not {kind.__name__}")
+                          f"the CIFAR and torchvision ResNets, WRNs, VGGs, MobileNetV2, ShuffleV1 and cnn_w*, not {kind.__name__}")
     modules = dict(model.named_modules())
     found = []
     for path in rule(model):
