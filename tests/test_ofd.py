@@ -121,8 +121,8 @@ def test_margin_is_the_mean_of_the_negative_part():
     assert torch.equal(margin[:4], _reference_margin(bn))
 
 
-@pytest.mark.parametrize("name", ["resnet8", "resnet20", "ResNet18", "ResNet50", "wrn_16_1", "vgg8",
-                                  "MobileNetV2", "ShuffleV1", "cnn_w4", "resnet18", "resnet50"])  # the last two: torchvision
+@pytest.mark.parametrize("name", ["resnet8", "resnet20", "ResNet18", "ResNet50", "wrn_16_1", "vgg8",  # resnet18/50:
+                                  "MobileNetV2", "ShuffleV1", "cnn_w4", "resnet18", "resnet50"])  # torchvision
 def test_each_margin_comes_from_the_batchnorm_that_feeds_that_preactivation(name):
     # moving one BN's bias by delta moves the pre-activation it feeds by exactly delta (output + shortcut)
     torch.manual_seed(0)

@@ -111,7 +111,8 @@ def bn_before_relu(model: nn.Module) -> List[nn.BatchNorm2d]:
     rule = BN_BEFORE_RELU.get(f"{kind.__module__}.{kind.__qualname__}")
     if rule is None:
         raise ConfigError(f"ofd needs the BatchNorm before each teacher stage's ReLU, which deepkd knows only for "
-                          f"the CIFAR and torchvision ResNets, WRNs, VGGs, MobileNetV2, ShuffleV1 and cnn_w*, not {kind.__name__}")
+                          f"the CIFAR and torchvision ResNets, WRNs, VGGs, MobileNetV2, ShuffleV1 and cnn_w*, "
+                          f"not {kind.__name__}")
     modules = dict(model.named_modules())
     found = []
     for path in rule(model):
