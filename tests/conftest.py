@@ -148,3 +148,14 @@ def colour_run(tmp_path_factory):
     from deepkd.train.loop import train
 
     return Path(train(cfg)["run_dir"])
+
+
+@pytest.fixture(scope="module")
+def detection_batch(tmp_path_factory):
+    """Two synthetic 128-px COCO-format training images and their targets (boxes and labels only)."""
+    from deepkd.detection import CocoDetection, DetectionLoader, write_synthetic_coco
+
+    root = tmp_path_factory.mktemp("coco")
+    ann = write_synthetic_coco(root, "train", 4, seed=3)
+    images, targets = next(DetectionLoader(CocoDetection(root / "train", ann, train=True), 2, train=True).iter_epoch(1))
+    return images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]

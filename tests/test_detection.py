@@ -13,8 +13,6 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import MultiScaleRoIAlign
 
 from deepkd.detection import (
-    CocoDetection,
-    DetectionLoader,
     check_pair,
     create_detector,
     detection_terms,
@@ -24,7 +22,6 @@ from deepkd.detection import (
     teacher_roi_logits,
     tiny_fasterrcnn,
     train_detector,
-    write_synthetic_coco,
 )
 from deepkd.detection.models import TinyFPNBackbone
 from deepkd.errors import ConfigError, DataError, MissingFileError, WeightsError
@@ -36,12 +33,8 @@ DKD = dict(alpha=1.0, beta=0.25, temperature=1.0, warmup_epochs=0)
 
 
 @pytest.fixture(scope="module")
-def batch(tmp_path_factory):
-    """Two synthetic 128-px training images and their targets (boxes and labels only)."""
-    root = tmp_path_factory.mktemp("coco")
-    ann = write_synthetic_coco(root, "train", 4, seed=3)
-    images, targets = next(DetectionLoader(CocoDetection(root / "train", ann, train=True), 2, train=True).iter_epoch(1))
-    return images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+def batch(detection_batch):
+    return detection_batch
 
 
 def _student(seed=0, **kwargs):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from deepkd.cli import main
-from deepkd.detection import CocoDetection, DetectionLoader, prepare_teacher, tiny_fasterrcnn, write_synthetic_coco
+from deepkd.detection import prepare_teacher, tiny_fasterrcnn
 from deepkd.detection.roi import pyramid_info, roi_forward, teacher_forward, teacher_roi_logits
 from deepkd.detection.step import detection_terms, pyramid_features
 from deepkd.detection.task import DetectionTask
@@ -28,11 +28,8 @@ DETECTOR_LOSSES = {"loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
 
 
 @pytest.fixture(scope="module")
-def batch(tmp_path_factory):
-    root = tmp_path_factory.mktemp("coco")
-    ann = write_synthetic_coco(root, "train", 4, seed=3)
-    images, targets = next(DetectionLoader(CocoDetection(root / "train", ann, train=True), 2, train=True).iter_epoch(1))
-    return images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+def batch(detection_batch):
+    return detection_batch
 
 
 def _pair(frozen_bn=False):
