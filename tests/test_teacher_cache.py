@@ -42,3 +42,27 @@ def test_training_with_the_cache(tmp_path, dtype):
     for key in a:
         if a[key].is_floating_point():
             torch.testing.assert_close(b[key], a[key], rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="flock is POSIX")
+def test_parallel_runs_build_a_shared_cache_once(tmp_path):
+    """A sweep's parallel runs start together: one builds the cache, the others wait and load it."""
+    import threading
+    import time
+
+    builds = []
+
+    def build():
+        builds.append(1)
+        time.sleep(0.3)  # a long build: without the lock the other thread finds no file and builds too
+        return TeacherLogitCache(torch.arange(6.0).view(1, 2, 3), pad=0)
+
+    path = tmp_path / ".teacher_cache" / "key.pt"
+    threads = [threading.Thread(target=TeacherLogitCache.ensure, args=(path, build)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(builds) == 1
+    assert TeacherLogitCache.load(path).logits.tolist() == [[[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["key.lock", "key.pt"]

@@ -8,8 +8,10 @@ With ``dtype=torch.float32`` the served logits are the teacher's own.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -73,4 +75,35 @@ class TeacherLogitCache:
         """Read a cache written by ``save`` onto ``device``."""
         data = torch.load(path, map_location=device, weights_only=True)
         return cls(data["logits"], int(data["pad"]))
+
+    @classmethod
+    def ensure(cls, path: str | Path, build: Callable[[], "TeacherLogitCache"]) -> None:
+        """Write ``build()`` to ``path`` unless it is there. Processes that share the file (a sweep's
+        parallel runs) take turns on ``<path>.lock``: one builds, the others wait and find it built.
+        The file appears whole or not at all (written to a per-process name, then renamed)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(path.with_suffix(".lock")):
+            if path.is_file():
+                return
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            build().save(tmp)
+            tmp.replace(path)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (POSIX ``flock``; where there is none, no lock: each
+    process then builds its own copy, and the atomic rename keeps the file whole)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 

@@ -191,13 +191,9 @@ def build_teacher_cache(cfg: RunConfig, teacher: nn.Module, loader, ctx):
         images.append(fashion_mnist_options(cfg))
     digest.update(json.dumps([cfg.teacher.name, images, cfg.train.teacher_cache_dtype]).encode())
     path = Path(cfg.output_dir) / ".teacher_cache" / f"{digest.hexdigest()[:20]}.pt"
-    if ctx.is_main and not path.is_file():
+    if ctx.is_main:
         dtype = torch.bfloat16 if cfg.train.teacher_cache_dtype == "bf16" else torch.float32
-        cache = TeacherLogitCache.build(teacher, loader, dtype=dtype)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        cache.save(tmp)
-        tmp.replace(path)
+        TeacherLogitCache.ensure(path, lambda: TeacherLogitCache.build(teacher, loader, dtype=dtype))
     if ctx.enabled:
         dist.barrier()
     return TeacherLogitCache.load(path, device=loader.device)
