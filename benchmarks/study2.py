@@ -7,10 +7,12 @@
 PROBLEM is a folder of recipes under ``benchmarks/study/`` (``synthetic``, ``fashion_mnist``); runs go to
 ``runs/study2/<problem>/{select,confirm}`` through ``deepkd sweep`` (re-running resumes). Run it from a
 separate install of a fixed commit (a git worktree and its own venv) so code changes cannot mix into a study.
-Selection: the lr with the best mean final-epoch top-1 over seeds 0-2 (every seed finished); a best at the
-grid's edge extends the grid (x2 or /2) and selects again. Confirmation: seeds 3-7 at the selected lr;
-control (a) DeepKD+DKD with all momenta 0.9 and control (c) DeepKD+DKD at the reference momenta, both at
-DKD's selected lr. ``study2_report.py`` prints the tables of STUDY.md and writes ``docs/study2/<problem>_*``.
+``fashion_mnist_demo`` is the demo's problem: three configurations, no controls
+(``--configs ce dkd deepkd_dkd_ref --controls``). Selection: the lr with the best mean final-epoch top-1
+over seeds 0-2 (every seed finished); a best at the grid's edge extends the grid (x2 or /2) and
+selects again. Confirmation: seeds 3-7 at the selected lr; control (a) DeepKD+DKD with all momenta 0.9
+and control (c) DeepKD+DKD at the reference momenta, both at DKD's selected lr. ``study2_report.py``
+prints the tables of STUDY.md and writes ``docs/study2/<problem>_*``.
 """
 from __future__ import annotations
 
@@ -117,7 +119,7 @@ def select(problem: str, jobs: int, configs: List[str]) -> None:
         print(f"{config}: lr {best:g}", flush=True)
 
 
-def confirm(problem: str, jobs: int, configs: List[str]) -> None:
+def confirm(problem: str, jobs: int, configs: List[str], controls: List[str]) -> None:
     found = groups(problem, "select")
     for config in configs:
         best, edge = selected(found, config)
@@ -125,8 +127,8 @@ def confirm(problem: str, jobs: int, configs: List[str]) -> None:
             raise SystemExit(f"{config}: no selected lr yet (run `select` first)")
         sweep(problem, [config], [best], CONFIRM_SEEDS, "confirm", jobs)
     dkd, _ = selected(found, "dkd")
-    for control in CONTROLS.values():
-        sweep(problem, [control], [dkd], CONFIRM_SEEDS, "confirm", jobs)
+    for control in controls:
+        sweep(problem, [CONTROLS[control]], [dkd], CONFIRM_SEEDS, "confirm", jobs)
 
 
 def main() -> None:
@@ -135,11 +137,13 @@ def main() -> None:
     parser.add_argument("problem")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--configs", nargs="*", default=CONFIGS)
+    parser.add_argument("--controls", nargs="*", choices=sorted(CONTROLS), default=sorted(CONTROLS),
+                        help="the controls `confirm` runs at DKD's selected lr (none for the demo's problem)")
     args = parser.parse_args()
     if args.step == "select":
         select(args.problem, args.jobs, args.configs)
     else:
-        confirm(args.problem, args.jobs, args.configs)
+        confirm(args.problem, args.jobs, args.configs, args.controls)
 
 
 if __name__ == "__main__":
