@@ -142,10 +142,13 @@ def test_two_process_batchnorm_logged_accuracy_is_the_saved_students(tmp_path, c
 
 
 def test_demo_quick_json(tmp_path, capsys):
-    assert main(["demo", "--quick", "--json", "--out", str(tmp_path / "demo")]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["demo", "--quick", "--json", "--data", "synthetic", "--out", str(tmp_path / "demo")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("deepkd demo: distilling on the shipped synthetic set")
+    assert "--data synthetic" in lines[0]
+    result = json.loads(lines[-1])
     assert set(result) == {"teacher", "student alone", "DKD", "DeepKD+DKD", "seconds"}
-    assert (tmp_path / "demo" / "deepkd_dkd" / "seed4" / "train.log").is_file()  # the students ran as a sweep
+    assert (tmp_path / "demo" / "deepkd_dkd_ref" / "seed3" / "train.log").is_file()  # the students ran as a sweep
     assert all(0.0 <= result[k] <= 100.0 for k in result if k != "seconds")
     assert (tmp_path / "demo" / "comparison.png").is_file()
 

@@ -132,7 +132,7 @@ def test_every_recipe_builds(name):
     cfg = load_config(name)
     text = find_recipe(name).read_text()
     assert text.startswith("# ") and "expected top-1" in text
-    num_classes = {"imagenet": 1000, "cifar10": 10, "tinyimagenet": 200}.get(cfg.data.dataset, 100)
+    num_classes = {"imagenet": 1000, "cifar10": 10, "fashion_mnist": 10, "tinyimagenet": 200}.get(cfg.data.dataset, 100)
     method = build.build_method(cfg.method)
     with torch.device("meta"):
         student = build.create_model(cfg.student.name, num_classes=num_classes)

@@ -115,9 +115,9 @@ def mask_ramp(schedule: dict) -> Tuple[int, str]:
     if schedule["name"] == "step":
         return min(schedule["milestones"]), "the first LR decay"
     # the middle of the cosine decay after warm-up: the LR has halved, about as late as CIFAR's 150/240
-    warmup = schedule["warmup_epochs"]
-    return (warmup + schedule["epochs"]) // 2, (f"the middle of the cosine decay after the {warmup}-epoch warm-up, "
-                                                 "where the LR has halved")
+    warmup = schedule.get("warmup_epochs", 0)
+    after = f" after the {warmup}-epoch warm-up" if warmup else ""
+    return (warmup + schedule["epochs"]) // 2, f"the middle of the cosine decay{after}, where the LR has halved"
 
 
 def topk_mask(family: dict, recipe: dict, header: List[str], env: dict) -> None:

@@ -20,17 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optimizer.lr=0.1")
     train.add_argument("--resume", action="store_true",
                        help="continue from last.pt of the recipe's run folder (or of the run folder given)")
-    demo = sub.add_parser("demo", help="offline demo on the shipped synthetic set")
-    demo.add_argument("what", nargs="?", choices=["classification", "detection"], default="classification",
-                      help="classification (default): CIFAR-shaped set; detection: tiny Faster R-CNN, COCO-format set")
-    demo.add_argument("--quick", action="store_true", help="a much shorter run (CI smoke test)")
-    demo.add_argument("--json", action="store_true", help="print a JSON object of the results last")
-    demo.add_argument("--train-teacher", action="store_true",
-                      help="train the teacher here (2.5 minutes; the same weights as the shipped one, bit for bit)")
-    demo.add_argument("--features", action="store_true",
-                      help="detection: also ReviewKD and DKD+ReviewKD on the FPN (two more students)")
-    demo.add_argument("--out", default=None,
-                      help="folder for the demo's runs and plot (runs/demo, runs/demo_detection)")
+    _demo_parser(sub)
     listing = sub.add_parser("list", help="list models, methods or recipes")
     listing.add_argument("what", choices=["models", "methods", "recipes"])
     listing.add_argument("pattern", nargs="?", default=None)
@@ -50,6 +40,28 @@ def _parser() -> argparse.ArgumentParser:
     download.add_argument("--file", default=None, help="a local cifar_teachers.tar, used instead of downloading")
     _deploy_parsers(sub)
     return parser
+
+
+def _demo_parser(sub) -> None:
+    """``deepkd demo``."""
+    demo = sub.add_parser("demo", help="distillation in minutes: Fashion-MNIST when on this machine, else synthetic")
+    demo.add_argument("what", nargs="?", choices=["classification", "detection"], default="classification",
+                      help="classification (default): Fashion-MNIST or the synthetic set; detection: tiny Faster "
+                           "R-CNN, COCO-format synthetic set")
+    demo.add_argument("--data", choices=["auto", "fashion_mnist", "synthetic"], default="auto",
+                      help="classification: Fashion-MNIST when found or downloadable (auto), or force one")
+    demo.add_argument("--root", default=None,
+                      help="a folder holding Fashion-MNIST's four files (default: the Debian package's, else the "
+                           "download folder)")
+    demo.add_argument("--quick", action="store_true", help="a much shorter run (CI smoke test)")
+    demo.add_argument("--json", action="store_true", help="print a JSON object of the results last")
+    demo.add_argument("--train-teacher", action="store_true",
+                      help="train the teacher here first, from its recipe (synthetic: 2.5 minutes; Fashion-MNIST: "
+                           "about 15)")
+    demo.add_argument("--features", action="store_true",
+                      help="detection: also ReviewKD and DKD+ReviewKD on the FPN (two more students)")
+    demo.add_argument("--out", default=None,
+                      help="folder for the demo's runs and plot (runs/demo, runs/demo_detection)")
 
 
 def _summary_parser(sub) -> None:
@@ -231,11 +243,15 @@ def cmd_demo(args) -> int:
     if args.features and args.what != "detection":
         raise ConfigError("--features adds the FPN feature methods to deepkd demo detection; the classification "
                           "demo has no such rows")
+    if args.what == "detection" and (args.data != "auto" or args.root):
+        raise ConfigError("--data and --root choose the classification demo's images; deepkd demo detection runs on "
+                          "its synthetic COCO-format set")
     if args.what == "detection":
         run_detection_demo(out=args.out or "runs/demo_detection", quick=args.quick, as_json=args.json,
                            features=args.features)
     else:
-        run_demo(out=args.out or "runs/demo", quick=args.quick, as_json=args.json, train_teacher=args.train_teacher)
+        run_demo(out=args.out or "runs/demo", quick=args.quick, as_json=args.json, train_teacher=args.train_teacher,
+                 data=args.data, root=args.root)
     return 0
 
 
