@@ -17,13 +17,14 @@ top-1 plus ``seconds``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 import yaml
@@ -61,12 +62,10 @@ SETTINGS: Dict[str, Dict[str, Any]] = {
         "study": {"student alone": (88.75, 1.17), "DKD": (87.47, 0.34), "DeepKD+DKD": (86.46, 0.43)},
     },
 }
-QUICK = {  # a smoke test of the whole path: one epoch each on a few images
-    "fashion_mnist": {"data": {"dataset": "fashion_mnist", "train_per_class": 4},
-                      "teacher_data": {"dataset": "fashion_mnist", "train_per_class": 4}},
-    "synthetic": {"data": {**SYNTHETIC, "synthetic": {"num_train": 1024, "num_test": 512, "noise": 2.5}},
-                  "teacher_data": {**SYNTHETIC, "synthetic": {"num_train": 1024, "num_test": 512, "noise": 2.5}}},
-}
+QUICK_DATA = {"fashion_mnist": {"dataset": "fashion_mnist", "train_per_class": 4},
+              "synthetic": {**SYNTHETIC, "synthetic": {"num_train": 1024, "num_test": 512, "noise": 2.5}}}
+QUICK = {source: {"data": data, "teacher_data": data}  # a smoke test of the whole path: one epoch on a few images
+         for source, data in QUICK_DATA.items()}
 # row -> (run folder and study configuration, method section, optimizer section without its lr)
 SGD = {"name": "sgd", "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False}
 STUDENTS = {  # longest first: the sweep starts them in this order, two at a time
@@ -175,16 +174,23 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, as_json: bool =
     return result
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch on one CPU thread inside the block, as it was before after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _train_teacher(raw: Dict[str, Any]) -> Path:
     """Train the teacher on one thread, as the shipped one was (bit for bit on the 2-core sandbox); its
     final weights, as the study's recipes use."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     started = time.time()
-    try:
+    with _one_thread():
         summary = train(validate_config(raw, "demo teacher"))
-    finally:
-        torch.set_num_threads(threads)
     print(f"  teacher        final top-1 {summary['last_top1']:6.2f}%  ({time.time() - started:5.1f}s)", flush=True)
     return Path(raw["output_dir"]) / "teacher" / f"seed{raw['seed']}" / "student.safetensors"
 
@@ -237,13 +243,9 @@ def run_detection_demo(out: str | Path = "runs/demo_detection", quick: bool = Fa
     out = Path(out)
     _prepare(out)
     # the tiny detectors are launch-bound: one thread is several times faster than two on a small CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     started = time.time()
-    try:
+    with _one_thread():
         results = run_rows(out, quick=quick, features=features)
-    finally:
-        torch.set_num_threads(threads)
     seconds = time.time() - started
     names = {"teacher": "teacher", "plain": "student alone", "dkd": "DKD", "deepkd_dkd": "DeepKD+DKD",
              "reviewkd": "ReviewKD", "dkd_reviewkd": "DKD+ReviewKD"}
