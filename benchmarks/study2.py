@@ -7,11 +7,11 @@
 PROBLEM is a folder of recipes under ``benchmarks/study/`` (``synthetic``, ``fashion_mnist``); runs go to
 ``runs/study2/<problem>/{select,confirm}`` through ``deepkd sweep`` (re-running resumes). Run it from a
 separate install of a fixed commit (a git worktree and its own venv) so code changes cannot mix into a study.
-``fashion_mnist_demo`` is the demo's problem: four configurations, no controls
-(``--configs ce kd dkd deepkd_dkd_ref --controls``). Selection: the lr with the best mean final-epoch top-1
-over seeds 0-2 (every seed finished); a best at the grid's edge extends the grid (x2 or /2) and
-selects again. Confirmation: seeds 3-7 at the selected lr; control (a) DeepKD+DKD with all momenta 0.9
-and control (c) DeepKD+DKD at the reference momenta, both at DKD's selected lr. ``study2_report.py``
+``fashion_mnist_demo`` and ``fashion_mnist_demo2`` are the demo's problems (the first, then the one the demo
+runs): four configurations, no controls (``--configs ce kd dkd deepkd_dkd_ref --controls``). Selection: the lr
+with the best mean final-epoch top-1 over seeds 0-2 (every seed finished); a best at the grid's edge extends the
+grid (x2 or /2) and selects again. Confirmation: seeds 3-7 at the selected lr; control (a) DeepKD+DKD with all
+momenta 0.9 and control (c) DeepKD+DKD at the reference momenta, both at DKD's selected lr. ``study2_report.py``
 prints the tables of STUDY.md and writes ``docs/study2/<problem>_*``.
 """
 from __future__ import annotations

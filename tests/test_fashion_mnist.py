@@ -10,6 +10,7 @@ import torch
 
 from deepkd.data import build_data
 from deepkd.data import fashion_mnist as fm
+from deepkd.data.teacher_cache import TeacherLogitCache
 from deepkd.errors import ConfigError, DataError, MissingFileError
 from deepkd.train.config import config_to_dict
 from deepkd.train.config_errors import validate_config
@@ -95,6 +96,31 @@ def test_train_per_class_is_a_seeded_class_balanced_subset(tmp_path, monkeypatch
     assert torch.equal(first.train.images[:, 0, 2:30, 2:30], torch.from_numpy(images)[kept])
     with pytest.raises(ConfigError, match=r"data.train_per_class 7 is more than the 6 training images of class"):
         load(tmp_path, train_per_class=7)
+
+
+def test_crop_pad_zero_trains_on_whole_images_flipped_or_not(tmp_path, monkeypatch):
+    """``crop_pad: 0``: every training view is the padded image itself or its mirror; the default 4
+    shifts some; the teacher-logit cache then holds two views an image (flip or not)."""
+    write_set(tmp_path, monkeypatch)
+
+    def views(data):
+        stored = data.train.images.float()
+        for epoch in (1, 2):
+            for index, (batch, _) in enumerate(data.train.iter_epoch(epoch)):
+                raw = batch * torch.tensor(data.std)[:, None, None] + torch.tensor(data.mean)[:, None, None]
+                whole = stored[data.train.batch_indices(epoch, index)] / 255.0
+                for image, source in zip(raw, whole):
+                    yield any(torch.allclose(image, view, atol=1e-5) for view in (source, source.flip(-1)))
+
+    uncropped, cropped = list(views(load(tmp_path, crop_pad=0, seed=4))), list(views(load(tmp_path, seed=4)))
+    assert all(uncropped) and len(uncropped) == 120 and not all(cropped)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)).eval()
+    data = load(tmp_path, crop_pad=0)
+    cache = TeacherLogitCache.build(teacher, data.train, batch_size=32, dtype=torch.float32)
+    assert cache.logits.shape == (60, 2, 10) and cache.pad == 0
+    batch, _ = next(iter(data.train.iter_epoch(1)))
+    with torch.no_grad():
+        torch.testing.assert_close(cache.lookup(*data.train.batch_views(1, 0)), teacher(batch), rtol=1e-5, atol=1e-5)
 
 
 def test_mean_and_std_are_measured_on_the_padded_training_images(tmp_path, monkeypatch):

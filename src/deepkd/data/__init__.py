@@ -101,7 +101,7 @@ def build_data(dataset: str, *, root: Optional[str] = None, batch_size: int = 64
                world_size: int = 1, drop_last: bool = False, flip: bool = True, strong: bool = False,
                folder: Optional[FolderOptions] = None, synthetic_train: int = 10000, synthetic_test: int = 2000,
                synthetic_seed: int = 0, synthetic_noise: float = 1.5, image_size: int = 32, channels: int = 3,
-               train_per_class: Optional[int] = None, subset_seed: int = 0) -> DataBundle:
+               train_per_class: Optional[int] = None, subset_seed: int = 0, crop_pad: int = 4) -> DataBundle:
     """Loaders for ``cifar100``, ``cifar10``, ``tinyimagenet``, ``fashion_mnist``, ``synthetic``, or
     ``imagenet`` / ``imagefolder`` (``root/<train_folder>``, ``root/<val_folder>``, read as ``folder`` says):
     the builder registered under ``dataset`` in :data:`DATASETS` (:func:`register_dataset`).
@@ -110,7 +110,8 @@ def build_data(dataset: str, *, root: Optional[str] = None, batch_size: int = 64
     a strong view (its own crop and flip, then the FixMatch RandAugment + Cutout of MLKD and CRLD).
     ``image_size``, ``channels``, ``train_per_class``, ``subset_seed``: Fashion-MNIST's 28x28 grey images
     zero-padded to ``image_size``, on ``channels`` channels, a class-balanced training subset
-    (:mod:`deepkd.data.fashion_mnist`); image folders read their size from ``folder``.
+    (:mod:`deepkd.data.fashion_mnist`); ``crop_pad``: the zero padding of Fashion-MNIST's random training
+    crop (4: the CIFAR crop; 0: no crop, flip only); image folders read their size from ``folder``.
     """
     options = dict(batch_size=batch_size, eval_batch_size=eval_batch_size or batch_size, device=device, seed=seed,
                    drop_last=drop_last, rank=rank, world_size=world_size, flip=flip, strong=strong)
@@ -118,7 +119,7 @@ def build_data(dataset: str, *, root: Optional[str] = None, batch_size: int = 64
         dataset, options, root=root, download=download, num_workers=num_workers, folder=folder,
         synthetic_train=synthetic_train, synthetic_test=synthetic_test, synthetic_seed=synthetic_seed,
         synthetic_noise=synthetic_noise, image_size=image_size, channels=channels, train_per_class=train_per_class,
-        subset_seed=subset_seed)
+        subset_seed=subset_seed, crop_pad=crop_pad)
 
 
 @register_dataset("synthetic")
@@ -150,7 +151,7 @@ def _tinyimagenet(dataset: str, options: dict, *, root: Optional[str], download:
 
 @register_dataset("fashion_mnist")
 def _fashion_mnist(dataset: str, options: dict, *, root: Optional[str], download: bool, image_size: int,
-                   channels: int, train_per_class: Optional[int], subset_seed: int, **_) -> DataBundle:
+                   channels: int, train_per_class: Optional[int], subset_seed: int, crop_pad: int, **_) -> DataBundle:
     from deepkd.data import fashion_mnist
 
     if options["strong"] and channels != 3:
@@ -159,7 +160,7 @@ def _fashion_mnist(dataset: str, options: dict, *, root: Optional[str], download
     train, test, num_classes, mean, std = fashion_mnist.load(
         root, download=download, image_size=image_size, channels=channels, train_per_class=train_per_class,
         subset_seed=subset_seed)
-    return _device_bundle(train, test, num_classes, mean, std, classes=fashion_mnist.CLASSES, **options)
+    return _device_bundle(train, test, num_classes, mean, std, classes=fashion_mnist.CLASSES, pad=crop_pad, **options)
 
 
 @register_dataset("imagefolder")

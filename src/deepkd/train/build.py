@@ -51,7 +51,7 @@ def build_dataset(cfg: RunConfig, *, device: torch.device, rank: int, world_size
 
 
 def fashion_mnist_options(cfg: RunConfig) -> dict:
-    """Fashion-MNIST's keys (``image_size``, ``channels``, ``train_per_class``, ``subset_seed``); none
+    """Fashion-MNIST's keys (``image_size``, ``channels``, ``train_per_class``, ``subset_seed``, ``crop_pad``); none
     for another dataset, whose images they do not change."""
     if cfg.data.dataset != "fashion_mnist":
         return {}
@@ -187,7 +187,7 @@ def build_teacher_cache(cfg: RunConfig, teacher: nn.Module, loader, ctx):
     weights = Path(cfg.teacher.weights or find_teacher(cfg.teacher.name) or "")
     digest = hashlib.sha256(weights.read_bytes() if weights.is_file() else str(weights).encode())
     images = [cfg.data.dataset, cfg.data.root, cfg.data.synthetic.model_dump(mode="json"), loader.num_samples]
-    if fashion_mnist_options(cfg):  # padding, channels and subset change the images (other sets' keys are unchanged)
+    if fashion_mnist_options(cfg):  # padding, channels, subset and crop padding change the views (not other sets)
         images.append(fashion_mnist_options(cfg))
     digest.update(json.dumps([cfg.teacher.name, images, cfg.train.teacher_cache_dtype]).encode())
     path = Path(cfg.output_dir) / ".teacher_cache" / f"{digest.hexdigest()[:20]}.pt"

@@ -32,7 +32,7 @@ class SyntheticConfig(_Strict):
 
 FOLDER_KEYS = ("train_folder", "val_folder", "image_size", "resize", "crop", "interpolation", "mean", "std",
                "in_memory")
-FASHION_MNIST_KEYS = ("image_size", "channels", "train_per_class", "subset_seed")
+FASHION_MNIST_KEYS = ("image_size", "channels", "train_per_class", "subset_seed", "crop_pad")
 COMMON_DATA_KEYS = ("dataset", "batch_size", "eval_batch_size", "drop_last", "flip")
 DATASET_KEYS = {  # the data keys each dataset reads besides COMMON_DATA_KEYS
     "cifar100": ("root", "download"), "cifar10": ("root", "download"), "tinyimagenet": ("root", "download"),
@@ -69,6 +69,7 @@ class DataConfig(_Strict):
     channels: Literal[1, 3] = _default(build_data, "channels")
     train_per_class: Optional[int] = Field(_default(build_data, "train_per_class"), gt=0)
     subset_seed: int = _default(build_data, "subset_seed")
+    crop_pad: int = Field(_default(build_data, "crop_pad"), ge=0)
 
     def used_keys(self) -> Tuple[str, ...]:
         """The keys this dataset reads (the ones a resolved config writes out)."""
