@@ -37,8 +37,11 @@ def test_each_row_is_the_studys_recipe_at_its_lr_and_seed_3(source, tmp_path):
         recipe.update(seed=demo.SEED)
         recipe["optimizer"]["lr"] = setting["lr"][name]
         assert resolved(configs[name]) == resolved(recipe), name
-        if configuration != "ce":  # the study may cache the teacher's logits; the demo runs it live
-            assert configs[name]["train"] == {"progress": "none", "tensorboard": "off"}
+        train = {"progress": "none", "tensorboard": "off"}
+        if configuration != "ce" and setting.get("teacher_cache"):
+            train.update(demo.CACHE)
+            assert {k: recipe["train"][k] for k in demo.CACHE} == demo.CACHE, name
+        assert configs[name]["train"] == train, name  # without a cache here, the study's cached logits run live
     assert setting["teacher_weights"].is_file()
 
 
@@ -85,7 +88,8 @@ def test_quick_demo_on_the_debian_packages_files(tmp_path, capsys):
     reach them)."""
     result = demo.run_demo(out=tmp_path / "demo", quick=True)
     first = capsys.readouterr().out.splitlines()[0]
-    assert first.startswith(f"deepkd demo: distilling on Fashion-MNIST (its released files in {fm.DEBIAN_ROOT})")
+    title = demo.SETTINGS["fashion_mnist"]["title"]
+    assert first.startswith(f"deepkd demo: distilling on {title} (its released files in {fm.DEBIAN_ROOT})")
     assert list(result) == ["teacher", "student alone", "KD", "DKD", "DeepKD+DKD", "seconds"]
     saved = config_to_dict(load_config(tmp_path / "demo" / "dkd" / f"seed{demo.SEED}" / "config.yaml"))
     assert saved["data"]["dataset"] == "fashion_mnist" and saved["data"]["train_per_class"] == 4
@@ -103,20 +107,22 @@ def test_the_shipped_fashion_mnist_teacher_recipes_are_the_studys(model):
 
 
 def test_the_shipped_recipes_of_the_demos_pair_are_its_rows(tmp_path):
-    """``deepkd train fashion_mnist/resnet8-cnn_w4/<row>`` trains what the demo and the study ran (seed aside;
-    the teacher's weights from the teacher recipe's run instead of the shipped file)."""
+    """``deepkd train fashion_mnist/resnet8-cnn_w8/<row>`` trains what the demo and the study ran (seed aside;
+    the teacher's weights from the teacher recipe's run instead of the shipped file), the teacher's logits
+    cached as there."""
     from deepkd.train.recipes import find_recipe
 
     setting = demo.SETTINGS["fashion_mnist"]
     configs = demo.student_configs(setting, tmp_path, str(setting["teacher_weights"]))
     for name, configuration in (("student alone", "ce"), ("KD", "kd"), ("DKD", "dkd"), ("DeepKD+DKD", "deepkd_dkd")):
-        shipped = config_to_dict(load_config(find_recipe(f"fashion_mnist/resnet8-cnn_w4/{configuration}")))
+        shipped = config_to_dict(load_config(find_recipe(f"fashion_mnist/resnet8-cnn_w8/{configuration}")))
         ours = {**config_to_dict(validate_config(configs[name], "test")), "seed": shipped["seed"]}
         for cfg in (shipped, ours):
             if cfg.get("teacher"):
                 cfg["teacher"]["weights"] = None
         assert {k: v for k, v in shipped.items() if k not in RUN_KEYS} == {k: v for k, v in ours.items()
                                                                            if k not in RUN_KEYS}, name
+        assert shipped["train"]["teacher_cache"] == ours["train"]["teacher_cache"] == (name != "student alone")
         expected = setting["study"][name]
         assert f"expected top-1: {expected[0]:.2f} +- {expected[1]:.2f}" in find_recipe(
-            f"fashion_mnist/resnet8-cnn_w4/{configuration}").read_text()
+            f"fashion_mnist/resnet8-cnn_w8/{configuration}").read_text()

@@ -17,7 +17,8 @@ one, or a ``grid``), skipping the rows whose ``when`` variable is unset or null:
   picks by the value's truth; ``{lookup: name, in: {...}, default: x}`` picks by the value; a ``merge``
   key merges its mapping in.
 - ``recipe`` starts from its ``base`` (a mapping of sections, or the name of one); a section ``x+``
-  updates the base's ``x``, a section ``x`` replaces it and ``x: null`` removes it.
+  updates the base's ``x``, a section ``x`` replaces it and ``x: null`` removes it; a section that renders
+  to null (an ``if`` whose branch is null) is left out.
   ``method_defaults: true`` writes the method's builder defaults after its name (the feature methods
   show every number that matters).
 - A DeepKD method (``deepkd_*``) gets ``topk: false`` and a line saying where the dynamic top-k mask
@@ -107,7 +108,7 @@ def build(family: dict, env: dict) -> dict:
     recipe = render(template, env)
     if family.get("method_defaults"):
         recipe["method"] = method_defaults(recipe["method"])
-    return {key: recipe[key] for key in ORDER if key in recipe}
+    return {key: recipe[key] for key in ORDER if key in recipe and recipe[key] is not None}
 
 
 def mask_ramp(schedule: dict) -> Tuple[int, str]:
