@@ -1,5 +1,6 @@
 """Every registered method (parametrized over list_methods()) and the method-specific formulas."""
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -203,3 +204,23 @@ def test_only_ramp_arguments_default_to_none():
     nullable = {param.name for name in ALL
                 for param in inspect.signature(METHODS.get(name)).parameters.values() if param.default is None}
     assert nullable == {"topk_ramp_start", "topk_ramp_end", "correlation_group_size"}
+
+
+def test_topk_mask_warns_when_nckd_starts_over_one_class():
+    """5% of 10 classes is K = 1: NCKD over one kept class is exactly zero, and the user is told until when."""
+    from deepkd.losses.topk import DynamicTopK
+
+    teacher, target = torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
+    student = torch.randn(4, 10, requires_grad=True)
+    mask = DynamicTopK(enabled=True, start_fraction=0.05, ramp_start=2, ramp_end=13, count_target=False,
+                       warmup_epochs=2)
+    with pytest.warns(UserWarning, match="zero until epoch 3"):
+        keep = mask.keep(teacher, target, epoch=1, ignore_index=-100)
+    assert keep.sum(dim=1).tolist() == [1, 1, 1, 1]
+    nckd = F.decoupled(student, teacher, target, temperature=4.0, keep=keep).nckd
+    assert float(nckd.detach().abs().max()) == 0.0
+    wide = DynamicTopK(enabled=True, start_fraction=0.2, ramp_start=2, ramp_end=13, count_target=False,
+                       warmup_epochs=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wide.keep(teacher, target, epoch=1, ignore_index=-100)

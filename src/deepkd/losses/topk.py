@@ -5,6 +5,7 @@ mask (:meth:`~deepkd.losses.base.Method.init_topk`), imports it without a circle
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -58,9 +59,23 @@ class DynamicTopK:
     def keep(self, teacher: torch.Tensor, target: torch.Tensor, epoch: int,
              ignore_index: int) -> Optional[torch.Tensor]:
         """The keep mask for this batch, or None (plain NCKD) when K keeps every class."""
+        if self.enabled and self.num_classes is None:
+            self._warn_if_nckd_vanishes(teacher.shape[-1])
         classes = self.num_classes = teacher.shape[-1]
         k = self.k(epoch, classes)
         if k is None or k >= classes - 1:
             return None
         return F.topk_keep_mask(teacher, target, k, count_target=self.count_target,
                                 ignore_index=ignore_index)
+
+    def _warn_if_nckd_vanishes(self, classes: int) -> None:
+        """Warn once when the mask starts with fewer than two non-target classes: NCKD, a KL divergence
+        between two distributions over the kept classes, is then exactly zero (Fashion-MNIST: 5% of 10
+        classes is K = 1)."""
+        spare = 1 if self.count_target else 0  # the reference ranking may spend one of K on the target
+        epochs = range(self.ramp_start, self.ramp_end + 1)
+        alive = next(e for e in epochs if self.k(e, classes) - spare >= 2 or self.k(e, classes) >= classes - 1)
+        if alive > self.ramp_start:
+            warnings.warn(f"method.topk: K starts at {self.k(self.ramp_start, classes)} of {classes} classes, so "
+                          f"NCKD over the kept non-target classes is zero until epoch {alive}; raise "
+                          f"method.topk_start_fraction to keep at least two", stacklevel=2)
