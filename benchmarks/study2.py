@@ -17,6 +17,7 @@ prints the tables of STUDY.md and writes ``docs/study2/<problem>_*``.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -62,7 +63,9 @@ def groups(problem: str, phase: str) -> Dict[str, List[Dict]]:
     from deepkd.commands.summary import collect
 
     folder, committed = Path("runs/study2") / problem / phase, DOCS / f"{problem}_{phase}.json"
-    found = collect([p for p in (committed, folder) if p.exists()]) if committed.exists() or folder.is_dir() else {}
+    # a phase's folder may exist before its first run (it holds the teacher cache copied from the selection)
+    sources = [committed] * committed.exists() + [folder] * any(folder.glob("*/*/metrics.jsonl"))
+    found = collect(sources) if sources else {}
     out = {}
     for name, runs in found.items():
         by_seed = {}
@@ -119,8 +122,20 @@ def select(problem: str, jobs: int, configs: List[str]) -> None:
         print(f"{config}: lr {best:g}", flush=True)
 
 
+def share_teacher_cache(problem: str) -> None:
+    """Copy the selection's teacher-logit caches into the confirmation's folder: their key is the teacher's
+    weights and the training images, the same in both phases, so confirm need not compute them again."""
+    source, target = (Path("runs/study2") / problem / phase / ".teacher_cache" for phase in ("select", "confirm"))
+    for cache in source.glob("*.pt"):
+        if not (target / cache.name).exists():
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cache, target / f"{cache.name}.part")
+            (target / f"{cache.name}.part").rename(target / cache.name)
+
+
 def confirm(problem: str, jobs: int, configs: List[str], controls: List[str]) -> None:
     found = groups(problem, "select")
+    share_teacher_cache(problem)
     for config in configs:
         best, edge = selected(found, config)
         if best is None or edge is not None:
