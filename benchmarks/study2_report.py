@@ -84,19 +84,30 @@ def comparison_table(found: Dict, select_found: Dict) -> str:
 
 
 def control_a(found: Dict, select_found: Dict) -> str:
-    """Per seed: DeepKD+DKD at momenta 0.9 against DKD, final top-1 and the largest weight difference."""
-    import torch
-    from safetensors.torch import load_file
-
+    """Per seed: DeepKD+DKD at momenta 0.9 against DKD: final top-1, the epochs whose test top-1 agree, and the
+    largest weight difference (where both runs' folders are on this machine; committed records keep no weights)."""
     dkd_lr = selected(select_found, "dkd")[0]
     ours = {Path(r["run_dir"]).name: r for r in confirmed(found, select_found, CONTROLS["a"], dkd_lr)}
     theirs = {Path(r["run_dir"]).name: r for r in confirmed(found, select_found, "dkd")}
-    lines = ["| seed | DKD (SGD 0.9) | DeepKD+DKD, momenta 0.9 | max abs weight difference |", "|---|---|---|---|"]
+    lines = ["| seed | DKD (SGD 0.9) | DeepKD+DKD, momenta 0.9 | epochs with equal test top-1 | max abs weight "
+             "difference |", "|---|---|---|---|---|"]
     for seed in sorted(set(ours) & set(theirs)):
-        a, b = (load_file(str(Path(r["run_dir"]) / "student.safetensors")) for r in (ours[seed], theirs[seed]))
-        gap = max(float((a[k].float() - b[k].float()).abs().max()) for k in a if torch.is_floating_point(a[k]))
-        lines.append(f"| {seed} | {theirs[seed]['last_top1']:.2f} | {ours[seed]['last_top1']:.2f} | {gap:.3g} |")
+        curves = [dict(map(tuple, r["curve"])) for r in (ours[seed], theirs[seed])]
+        equal = sum(curves[0][e] == curves[1].get(e) for e in curves[0])
+        lines.append(f"| {seed} | {theirs[seed]['last_top1']:.2f} | {ours[seed]['last_top1']:.2f} | "
+                     f"{equal}/{len(curves[1])} | {_weight_gap(ours[seed], theirs[seed])} |")
     return "\n".join(lines)
+
+
+def _weight_gap(a: Dict, b: Dict) -> str:
+    import torch
+    from safetensors.torch import load_file
+
+    files = [Path(r["run_dir"]) / "student.safetensors" for r in (a, b)]
+    if not all(f.is_file() for f in files):
+        return "(weights not on this machine)"
+    x, y = (load_file(str(f)) for f in files)
+    return f"{max(float((x[k].float() - y[k].float()).abs().max()) for k in x if torch.is_floating_point(x[k])):.3g}"
 
 
 def figure(found: Dict, configs: List[str], path: Path) -> None:

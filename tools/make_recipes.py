@@ -22,7 +22,8 @@ one, or a ``grid``), skipping the rows whose ``when`` variable is unset or null:
   ``method_defaults: true`` writes the method's builder defaults after its name (the feature methods
   show every number that matters).
 - A DeepKD method (``deepkd_*``) gets ``topk: false`` and a line saying where the dynamic top-k mask
-  would end its ramp (``mask`` replaces that line's template; ``mask: false`` writes neither);
+  would end its ramp (``mask``, in the family or a row, replaces that line's template; ``mask: false``
+  writes neither);
   ``topk: true`` writes the mask's ``_topk`` variant instead (the DeepKD paper's dagger rows).
 """
 from __future__ import annotations
@@ -123,8 +124,8 @@ def mask_ramp(schedule: dict) -> Tuple[int, str]:
 
 def topk_mask(family: dict, recipe: dict, header: List[str], env: dict) -> None:
     """A DeepKD recipe's top-k mask: off with a line saying where its ramp would end, or on (``topk``)."""
-    method = recipe["method"]
-    if family.get("mask") is False or not method["name"].startswith("deepkd"):
+    method, template = recipe["method"], env.get("mask", family.get("mask", "{TOPK_OFF}"))
+    if template is False or not method["name"].startswith("deepkd"):
         return
     end, why = mask_ramp(recipe["schedule"])
     env = {**env, "end": end, "why": why, "start": method.get("warmup_epochs", 0)}
@@ -134,7 +135,7 @@ def topk_mask(family: dict, recipe: dict, header: List[str], env: dict) -> None:
         header.append(render("{TOPK_ON}", env))
     else:
         recipe["method"] = {**method, "topk": False}
-        header.append(render(family.get("mask", "{TOPK_OFF}"), env))
+        header.append(render(template, env))
 
 
 def grid(spec: dict) -> List[dict]:
