@@ -2,6 +2,7 @@
 and the sweep statistics of ``deepkd summary`` (t quantiles, 95% intervals, Welch, --reach, --figure)."""
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -58,6 +59,8 @@ def test_grid_runs_manifest_and_summary(grid, capsys):
     folders = sorted(p.relative_to(out).as_posix() for p in out.glob("*/seed*"))
     assert folders == [f"{c}/seed{s}" for c in CONFIGS for s in (0, 1)]
     assert all(finished(out / f) for f in folders)
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)  # --jobs 2: each run its share of the cores
+    assert {json.loads((out / f / "summary.json").read_text())["torch_threads"] for f in folders} == {threads}
     for config, lr in zip(CONFIGS, (0.05, 0.1)):  # each folder trained its own configuration
         stored = yaml.safe_load((out / config / "seed1" / "config.yaml").read_text())
         assert stored["optimizer"]["lr"] == lr and stored["experiment"] == config and stored["seed"] == 1

@@ -204,8 +204,9 @@ def _end_epoch(run: _Run, position: Position, train_metrics: Dict[str, float], s
 
 def _finish(run: _Run, position: Position, begun: Dict[str, Any], seconds: float) -> Dict[str, Any]:
     records = read_jsonl(run.run_dir / METRICS_JSONL)
+    # the thread count changes the float sums, so a run re-run with another one differs (STUDY.md)
     summary = {**run.task.summary(records, position.best, begun), "steps": position.step,
-               "train_seconds": seconds, "run_dir": str(run.run_dir)}
+               "train_seconds": seconds, "torch_threads": torch.get_num_threads(), "run_dir": str(run.run_dir)}
     if run.task.ctx.is_main:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         run.task.finish(run.run_dir, summary)
