@@ -67,3 +67,35 @@ def test_step_matched_dkd_scales_each_term_by_its_deepkd_streams_step(problem):
     assert matched["method"]["beta"] == pytest.approx(dkd["beta"] * scale["non_target"], rel=1e-5)
     assert matched["optimizer"]["weight_decay"] == pytest.approx(
         found["dkd"]["optimizer"]["weight_decay"] * scale[decay_stream], rel=1e-5)
+
+
+SHIPPED_AS = {"deepkd_kd": "deepkd_kd_ref", "deepkd_dkd": "deepkd_dkd_ref"}  # a shipped recipe's name -> the study's
+
+
+def test_the_fashion_mnist_problems_shipped_recipes_are_its_configurations_at_their_confirmed_lr():
+    """``deepkd train fashion_mnist/resnet20-cnn_w8/<name>`` trains the study's configuration at the lr its
+    confirmation ran (the selected one), headed by that confirmation's n = 5 mean +- std."""
+    import json
+    import statistics
+
+    import deepkd
+
+    shipped_dir = Path(deepkd.__file__).parent / "configs" / "fashion_mnist" / "resnet20-cnn_w8"
+    records = json.loads((STUDY.parents[1] / "docs" / "study2" / "fashion_mnist_confirm.json").read_text())["runs"]
+    found = configs("fashion_mnist")
+    assert len(list(shipped_dir.glob("*.yaml"))) >= 7
+    for path in sorted(shipped_dir.glob("*.yaml")):
+        shipped, study = config_to_dict(load_config(path)), found[SHIPPED_AS.get(path.stem, path.stem)]
+        lr = shipped["optimizer"]["lr"]
+        finals = [r["last_top1"] for r in records
+                  if r["finished"] and r["experiment"] == f"{study['experiment']}__optimizer.lr={lr:g}"]
+        assert len(finals) == 5, path.stem
+        expected = f"expected top-1: {statistics.fmean(finals):.2f} +- {statistics.stdev(finals):.2f}"
+        assert expected in path.read_text(), path.stem
+        for cfg in (shipped, study):
+            cfg["optimizer"]["lr"] = lr
+            if cfg.get("teacher"):
+                cfg["teacher"]["weights"] = None
+            cfg["train"] = {k: cfg["train"][k] for k in CACHE}
+        assert {k: v for k, v in shipped.items() if k not in ("experiment", "output_dir", "seed")} == \
+            {k: v for k, v in study.items() if k not in ("experiment", "output_dir", "seed")}, path.stem
