@@ -116,7 +116,8 @@ def figure(found: Dict, configs: List[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    top = 0.0
     for index, config in enumerate(configs):
         runs = grid(found, config)
         if not runs:
@@ -124,12 +125,17 @@ def figure(found: Dict, configs: List[str], path: Path) -> None:
         lrs = list(runs)
         means = [statistics.fmean(r["last_top1"] for r in runs[lr]) for lr in lrs]
         stds = [statistics.stdev([r["last_top1"] for r in runs[lr]]) for lr in lrs]
-        ax.errorbar(lrs, means, yerr=stds, marker="o", capsize=3, color=f"C{index % 10}",
-                    linestyle="-" if index < 10 else "--", label=config)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("final-epoch test top-1 (%), mean +- std over seeds 0-2")
-    ax.legend(fontsize=7, ncol=2)
+        top = max(top, *means)
+        for ax in axes:
+            ax.errorbar(lrs, means, yerr=stds, marker="o", capsize=3, color=f"C{index % 10}",
+                        linestyle="-" if index < 10 else "--", label=config)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("learning rate")
+    axes[0].set_ylabel("final-epoch test top-1 (%), mean +- std over seeds 0-2")
+    axes[0].legend(fontsize=7, ncol=2)
+    axes[1].set_ylim(top - 6, top + 1)  # where the selected lrs and the differences of a point or two are
+    axes[1].set_title("the top 6 points", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
