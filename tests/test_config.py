@@ -142,7 +142,7 @@ def test_every_recipe_builds(name):
     lr = build.build_schedule(cfg.schedule, cfg.optimizer.lr)
     assert lr(1, 0.0) > 0 and method.needs_teacher == (cfg.teacher is not None)
     assert len(optimizer.param_groups) == 1
-    if is_deepkd_method(cfg.method.name) and name.endswith(("_topk", "_topk_floor")):  # the curriculum on, its schedule stated
+    if is_deepkd_method(cfg.method.name) and name.endswith(("_topk", "_topk_floor")):  # the curriculum on, stated
         ramp_end = cfg.method.arguments()["topk_ramp_end"]
         assert cfg.method.arguments()["topk"] is True and 0 < ramp_end <= cfg.schedule.epochs
         assert f"to all classes at epoch {ramp_end}" in text
