@@ -43,8 +43,8 @@ a coefficient; :class:`GSNRMomentum` is deepkd's rule (not the paper's, nor the 
      ``mu + delta``): the study found it needs a smaller lr than SGD.
 
 Why this form: monotone (a higher GSNR never gets a lower momentum, the paper's one claim); bounded
-(every coefficient in ``[mu - delta, mu + delta]``, the paper's interval, so the steady-state step
-``lr / (1 - m)`` stays within the range the recipes were tuned for); log-GSNR because GSNRs of
+steps (``mean_step``: the streams' mean steady-state step ``lr / (1 - m)`` is SGD's, and their spread is
+the paper's interval's 7x; ``interval``: every coefficient in ``[mu - delta, mu + delta]``); log-GSNR because GSNRs of
 different streams differ by orders of magnitude and drift over training, and only their ratios are
 compared (multiplying every GSNR by a constant changes nothing).
 
