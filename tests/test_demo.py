@@ -37,7 +37,7 @@ def test_each_row_is_the_studys_recipe_at_its_lr_and_seed_3(source, tmp_path):
         recipe.update(seed=demo.SEED)
         recipe["optimizer"]["lr"] = setting["lr"][name]
         assert resolved(configs[name]) == resolved(recipe), name
-        train = {"progress": "none", "tensorboard": "off"}
+        train = {"progress": "none", "tensorboard": "off", "eval_every": demo.STUDENT_EVAL_EVERY}
         if configuration != "ce" and setting.get("teacher_cache"):
             train.update(demo.CACHE)
             assert {k: recipe["train"][k] for k in demo.CACHE} == demo.CACHE, name

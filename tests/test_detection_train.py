@@ -260,3 +260,10 @@ def test_progress_lines_every_log_every_steps(tmp_path, teacher, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1/1 [")]
     assert [line.split("]")[0] for line in lines] == ["epoch 1/1 [2/4", "epoch 1/1 [4/4"]
     assert all("loss=" in line for line in lines)
+
+
+def test_eval_every_skips_the_ap_of_the_epochs_between(tmp_path, teacher, capsys):
+    recipe = _recipe(tmp_path, "sparse", DKD, teacher=teacher[1] / "best.pt", epochs=3)
+    assert main(["train", recipe, "train.eval_every=2"]) == 0
+    records = read_jsonl(tmp_path / "runs" / "sparse" / "seed0" / "metrics.jsonl")
+    assert [r["epoch"] for r in records if "AP" in r] == [2, 3]

@@ -168,3 +168,21 @@ def test_batchnorm_statistics_are_averaged_across_ranks(tmp_path):
     assert torch.equal(a["1.running_mean"], torch.full((4,), 0.5))
     assert torch.equal(a["2.running_mean"], torch.full((2,), 1.5))
     assert torch.equal(a["1.running_var"], torch.full((4,), 2.0)) and int(a["1.num_batches_tracked"]) == 7
+
+
+def test_eval_every_tests_every_nth_epoch_and_the_last_and_changes_no_weight(tmp_path):
+    """``train.eval_every: 2`` over 5 epochs tests after epochs 2, 4 and 5 (the last), trains the same
+    weights as testing every epoch, and its summary reads the tested epochs only."""
+    schedule = {"name": "step", "epochs": 5, "milestones": [4]}
+    every = train(tiny_config(tmp_path, experiment="every", schedule=schedule))
+    sparse = train(tiny_config(tmp_path, experiment="sparse", schedule=schedule, train__eval_every=2))
+    runs = tmp_path / "runs"
+    records = [json.loads(line) for line in (runs / "sparse" / "seed3" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5]
+    assert [r["epoch"] for r in records if "test_top1" in r] == [2, 4, 5]
+    a = load_checkpoint(runs / "every" / "seed3" / "last.pt")["model"]
+    b = load_checkpoint(runs / "sparse" / "seed3" / "last.pt")["model"]
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert sparse["last_top1"] == every["last_top1"] == records[-1]["test_top1"]
+    assert sparse["best_epoch"] in (2, 4, 5)
+    assert sparse["best_top1"] == max(r["test_top1"] for r in records if "test_top1" in r)

@@ -79,6 +79,9 @@ STUDENTS = {  # longest first: the sweep starts them in this order, two at a tim
 }
 MARKER = "demo.json"
 CACHE = {"teacher_cache": True, "teacher_cache_dtype": "fp32"}  # the teacher's logits of every view, computed once
+# the students test every 5th epoch and the last: a row is its final-epoch top-1 (a test changes no weight), and a
+# test of Fashion-MNIST's 10,000 images costs about three of the student's training epochs
+STUDENT_EVAL_EVERY = 5
 
 
 def choose_data(data: str = "auto", root: Optional[str] = None) -> Tuple[str, str]:
@@ -128,8 +131,9 @@ def teacher_config(setting: Dict[str, Any], out: Path, root: Optional[str] = Non
 def student_configs(setting: Dict[str, Any], out: Path, teacher: str,
                     root: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
     """Each row's run: the study's recipe ``benchmarks/study/<problem>/<configuration>.yaml`` at the row's
-    selected lr and seed 3; the teacher-logit cache where the setting has one (``teacher_cache``: a few
-    thousand views, cheaper than the teacher run live), else the same logits computed live."""
+    selected lr and seed 3, tested every ``STUDENT_EVAL_EVERY`` epochs; the teacher-logit cache where the
+    setting has one (``teacher_cache``: a few thousand views, cheaper than the teacher run live), else the same
+    logits computed live."""
     data = {**setting["data"], **({"root": root} if root else {})}
     configs = {}
     for name, (folder, method, optimizer) in STUDENTS.items():
@@ -138,6 +142,7 @@ def student_configs(setting: Dict[str, Any], out: Path, teacher: str,
         configs[name] = _config(setting, data, out, folder, setting["student_model"], setting["student_epochs"], 64,
                                 method, {**optimizer, "lr": setting["lr"][name]},
                                 None if method["name"] == "ce" else teacher, SEED)
+        configs[name]["train"]["eval_every"] = STUDENT_EVAL_EVERY
     return configs
 
 

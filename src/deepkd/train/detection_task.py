@@ -120,7 +120,8 @@ def build_detection(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> D
     """The detection task of a config: best checkpoint by AP; a finished run gets its model card."""
     device, ctx = init_device(build.build_device(cfg.train.device))
     task = DetectionTask(**_objects(cfg, device, ctx), epochs=cfg.schedule.epochs, device=device, ctx=ctx,
-                         precision=cfg.train.precision, max_steps=cfg.schedule.max_iterations,
+                         precision=cfg.train.precision, eval_every=cfg.train.eval_every,
+                         max_steps=cfg.schedule.max_iterations,
                          on_finish=lambda folder, summary: write_detection_card(cfg, folder, summary))
     if not resume:
         start_fresh(task, cfg.seed)

@@ -188,7 +188,7 @@ class ClassificationTask(Task):
     def __init__(self, run: Run):
         self.run = run
         self.model, self.optimizer, self.epochs = run.student, run.optimizer, run.cfg.schedule.epochs
-        self.device, self.ctx = run.device, run.ctx
+        self.device, self.ctx, self.eval_every = run.device, run.ctx, run.cfg.train.eval_every
 
     @property
     def params(self) -> List[nn.Parameter]:
@@ -223,6 +223,8 @@ class ClassificationTask(Task):
         return terms, sums
 
     def evaluate(self, epoch: int, final: bool) -> Dict[str, float]:
+        if epoch % self.eval_every and not final:  # train.eval_every: the last epoch is always tested
+            return {}
         test = _evaluate(self.run, self.run.forward)
         return {"test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"]}
 
@@ -230,9 +232,10 @@ class ClassificationTask(Task):
         return {"topk": self.run.method.topk(epoch), **momentum_record(self.run)}
 
     def line(self, record: Dict[str, Any], best: float) -> str:
+        tested = (f" test_top1 {record['test_top1']:.2f} test_top5 {record['test_top5']:.2f} best {best:.2f}"
+                  if "test_top1" in record else "")
         return (f"epoch {record['epoch']}: train_loss {record['train_loss']:.4f} train_top1 "
-                f"{record['train_top1']:.2f} test_top1 {record['test_top1']:.2f} test_top5 {record['test_top5']:.2f} "
-                f"best {best:.2f} lr {record['lr']:.4g} ({record['seconds']:.1f}s)")
+                f"{record['train_top1']:.2f}{tested} lr {record['lr']:.4g} ({record['seconds']:.1f}s)")
 
     def begin(self) -> Dict[str, Any]:
         return {"teacher_top1": _teacher_accuracy(self.run)}
@@ -258,11 +261,11 @@ class ClassificationTask(Task):
             run.teacher.load_state_dict({**run.teacher.state_dict(), **state["teacher_buffers"]})
 
     def summary(self, records: List[Dict[str, Any]], best: float, begun: Dict[str, Any]) -> Dict[str, Any]:
-        cfg = self.run.cfg
+        cfg, tested = self.run.cfg, [r for r in records if "test_top1" in r]  # train.eval_every may skip epochs
         return {"status": "finished", "experiment": cfg.experiment, "seed": cfg.seed, "method": cfg.method.name,
                 "student": cfg.student.name, "teacher": cfg.teacher.name if cfg.teacher else None, **begun,
-                "best_top1": best, "best_epoch": max(records, key=lambda r: r["test_top1"])["epoch"] if records else 0,
-                "last_top1": records[-1]["test_top1"] if records else float("nan"), "epochs": self.epochs}
+                "best_top1": best, "best_epoch": max(tested, key=lambda r: r["test_top1"])["epoch"] if tested else 0,
+                "last_top1": tested[-1]["test_top1"] if tested else float("nan"), "epochs": self.epochs}
 
     def finish(self, run_dir: Path, summary: Dict[str, Any]) -> None:
         save_weights(self.run.student, run_dir / "student.safetensors")

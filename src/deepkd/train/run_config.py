@@ -53,6 +53,7 @@ class TrainConfig(_Strict):
     wandb_project: str = "deepkd"
     stop_after_steps: int = Field(0, ge=0)
     checkpoint_every: int = Field(0, ge=0)  # steps between mid-epoch last.pt saves; 0: epoch ends and stops only
+    eval_every: int = Field(1, gt=0)  # epochs between tests on the val split; the last epoch is always tested
     sync_batchnorm: bool = False  # SyncBatchNorm across ranks (CUDA); otherwise statistics averaged at tests/saves
     teacher_cache: bool = False
     teacher_cache_dtype: Literal["bf16", "fp32"] = "bf16"
@@ -61,8 +62,8 @@ class TrainConfig(_Strict):
     student_views: Literal["separate", "concat"] = "separate"
 
 
-DETECTION_TRAIN_KEYS = ("device", "precision", "stop_after_steps", "checkpoint_every", "progress", "log_every",
-                        "tensorboard", "wandb", "wandb_project")
+DETECTION_TRAIN_KEYS = ("device", "precision", "stop_after_steps", "checkpoint_every", "eval_every", "progress",
+                        "log_every", "tensorboard", "wandb", "wandb_project")
 
 
 class RunConfig(_Strict):
