@@ -87,9 +87,7 @@ class DetectionTask(Task):
         loss = torch.stack(list(terms.values())).sum()  # the meters: per-step means of each term
         return terms, {"loss": loss, **{f"loss/{k}": v for k, v in terms.items()}, "count": torch.ones(())}
 
-    def evaluate(self, epoch: int, final: bool) -> Dict[str, float]:
-        if epoch % max(self.eval_every, 1) and not final:
-            return {}
+    def evaluate(self, epoch: int) -> Dict[str, float]:
         return coco_evaluate(self.model, self.val_loader, self.coco_gt, self.ctx, self.device)
 
     def facts(self, epoch: int) -> Dict[str, Any]:

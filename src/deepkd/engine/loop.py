@@ -186,7 +186,7 @@ def _end_epoch(run: _Run, position: Position, train_metrics: Dict[str, float], s
     task, epoch = run.task, position.epoch
     average_batchnorm_statistics(task.model, task.ctx)  # one set of statistics for the test and the saves
     final = epoch == task.epochs or (task.max_steps is not None and position.step >= task.max_steps)
-    test = task.evaluate(epoch, final)
+    test = task.evaluate(epoch) if final or epoch % max(task.eval_every, 1) == 0 else {}
     record = {"epoch": epoch, "step": position.step, "lr": task.optimizer.param_groups[0]["lr"],
               **train_metrics, **test, **task.facts(epoch), "seconds": seconds}
     improved = task.metric in test and test[task.metric] > position.best

@@ -52,6 +52,7 @@ class Task(ABC):
     name: str = "task"
     metric: str = "loss"
     max_steps: Optional[int] = None  # an iteration budget: the run ends, evaluated, after this many steps
+    eval_every: int = 1  # epochs between evaluations; the run's last epoch is always evaluated
     model: nn.Module
     optimizer: torch.optim.Optimizer
     epochs: int
@@ -75,9 +76,9 @@ class Task(ABC):
         for the meters (``count``: their divisor; ``train_<name>`` = sum / count at the epoch's end)."""
 
     @abstractmethod
-    def evaluate(self, epoch: int, final: bool) -> Dict[str, float]:
-        """The test metrics of the model after ``epoch`` (``final``: the run's last); may be empty
-        when an evaluation is not due."""
+    def evaluate(self, epoch: int) -> Dict[str, float]:
+        """The test metrics of the model after ``epoch``; the engine calls it every ``eval_every`` epochs
+        and after the run's last."""
 
     def set_lr(self, epoch: int, progress: float, step: int) -> None:
         """Set the learning rate before a step (``progress`` in [0, 1) within the epoch, ``step``

@@ -222,9 +222,7 @@ class ClassificationTask(Task):
         sums.update({"loss": loss * count, "top1": 100 * (logits.argmax(-1) == targets).sum(), "count": count})
         return terms, sums
 
-    def evaluate(self, epoch: int, final: bool) -> Dict[str, float]:
-        if epoch % self.eval_every and not final:  # train.eval_every: the last epoch is always tested
-            return {}
+    def evaluate(self, epoch: int) -> Dict[str, float]:
         test = _evaluate(self.run, self.run.forward)
         return {"test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"]}
 
